@@ -1,0 +1,1 @@
+"""Checkpoints: streaming safetensors I/O, HF weights into Megatron shards (and, later, torch_dist)."""

@@ -1,0 +1,82 @@
+"""The architecture of one model, family-neutral: what an HF config.json says, in the terms Megatron needs.
+
+Each family (dare_mega/models/<family>/) turns its HF config into `ModelArgs`; everything downstream
+(TransformerConfig, layer spec, weight mapping, masks) reads only `ModelArgs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from dare_mega.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MoEArgs:
+    num_experts: int
+    topk: int
+    expert_ffn_hidden_size: int
+    norm_topk_prob: bool = True
+    score_function: str = "softmax"  # "softmax" (Qwen3-MoE) or "sigmoid" (BailingMoeV2)
+    layer_pattern: tuple[int, ...] = ()  # per layer: 1 = MoE, 0 = dense
+    shared_expert_ffn_hidden_size: int = 0  # 0 = no shared expert
+    num_groups: int | None = None  # group-limited routing
+    group_topk: int | None = None
+    scaling_factor: float | None = None  # routed_scaling_factor
+    expert_bias: bool = False  # aux-loss-free selection bias (an fp32 buffer)
+    aux_loss_coef: float = 0.0
+
+
+@dataclass(frozen=True)
+class DiffusionArgs:
+    mask_token_id: int
+    block_size: int
+    shifted_logits: bool = False  # Dream predicts token i at i-1; SDAR and LLaDA predict in place
+    pad_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    family: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    vocab_size: int
+    norm_eps: float
+    rope_theta: float
+    rotary_percent: float = 1.0
+    max_position_embeddings: int = 32768
+    qk_norm: bool = True
+    tie_word_embeddings: bool = False
+    moe: MoEArgs | None = None
+    diffusion: DiffusionArgs | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+    def layer_is_moe(self, layer: int) -> bool:
+        return bool(self.moe and self.moe.layer_pattern[layer])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def require(hf_config: dict, key: str, source: str, kind=int):
+    """Read a required key of an HF config, naming the key and the file when it is absent or malformed."""
+    if key not in hf_config or hf_config[key] is None:
+        raise ConfigError(f"{source}: required key {key!r} is missing")
+    value = hf_config[key]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{source}: {key}={value!r} must be an integer")
+    if kind is float and not isinstance(value, (int, float)):
+        raise ConfigError(f"{source}: {key}={value!r} must be a number")
+    if kind in (int, float) and value <= 0 and key not in ("first_k_dense_replace",):
+        raise ConfigError(f"{source}: {key}={value!r} must be positive")
+    return value

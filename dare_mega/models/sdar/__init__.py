@@ -1,0 +1,16 @@
+"""SDAR block-diffusion models: dense (SDARForCausalLM, Qwen3 layout) and MoE (SDARMoeForCausalLM, Qwen3-MoE)."""
+
+from dare_mega.models.family import ModelFamily, register
+from dare_mega.models.sdar import config
+from dare_mega.models.sdar.mapping import sdar_mapping
+
+SDAR = register(
+    ModelFamily(
+        name="sdar",
+        architectures=(config.DENSE_ARCH, config.MOE_ARCH),
+        args_from_hf=config.args_from_hf,
+        mapping=sdar_mapping,
+        default_mask_token_id=config.MASK_TOKEN_ID,
+        default_block_size=config.BLOCK_SIZE,
+    )
+)

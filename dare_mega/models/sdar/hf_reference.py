@@ -1,0 +1,46 @@
+"""The HF reference of SDAR: transformers' Qwen3 / Qwen3-MoE classes with the SDAR checkpoint's weights.
+
+SDAR's own modeling files (trust_remote_code) differ from Qwen3 only in how masks and caches are built;
+given the same explicit 4-D mask and position ids, the arithmetic is Qwen3's. Used by tools/check_logits.py
+and the parity tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dare_mega.models.builder import read_hf_config
+from dare_mega.models.sdar.config import DENSE_ARCH, MOE_ARCH
+
+
+def hf_reference_model(directory: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"):
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg, source = read_hf_config(directory)
+    arch = cfg["architectures"][0]
+    keep = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "model_type", "auto_map")}
+    if arch == DENSE_ARCH:
+        config, cls = Qwen3Config(**keep), Qwen3ForCausalLM
+    elif arch == MOE_ARCH:
+        config, cls = Qwen3MoeConfig(**keep), Qwen3MoeForCausalLM
+    else:
+        raise ValueError(f"{source}: {arch!r} is not an SDAR architecture")
+    config._attn_implementation = attn_implementation
+    # from_pretrained applies transformers' own conversion of per-expert tensors into its fused layout
+    model, info = cls.from_pretrained(directory, config=config, dtype=dtype, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise ValueError(f"{directory}: the transformers reference did not load cleanly: {problems}")
+    return model.eval()
+
+
+def hf_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Logits of the reference model under an explicit boolean mask [b, 1, s, s] (True = may attend).
+
+    transformers takes a 4-D mask as given and its eager attention ADDS it to the scores, so the boolean mask
+    becomes an additive one (0 where allowed, the dtype's minimum elsewhere).
+    """
+    dtype = next(model.parameters()).dtype
+    additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed.bool(), torch.finfo(dtype).min)
+    with torch.no_grad():
+        return model(input_ids=input_ids, position_ids=position_ids, attention_mask=additive).logits
