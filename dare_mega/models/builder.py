@@ -99,3 +99,22 @@ def build_model(args: ModelArgs, layout: ParallelLayout, options: RuntimeOptions
 
 def with_overrides(args: ModelArgs, **changes) -> ModelArgs:
     return replace(args, **changes)
+
+
+def build_from_hf(hf_dir: str, layout: ParallelLayout, options: RuntimeOptions = RuntimeOptions(),
+                  mask_token_id: int | None = None, block_size: int | None = None):
+    """Check config, layout and checkpoint (headers only), then build this rank's chunks and load them.
+
+    Every check runs before any model is built, so bad input costs nothing: an unknown architecture or a
+    malformed config names the key and file, a layout that does not divide the model names the sizes, and a
+    missing or mis-shaped tensor names the tensor, the file and both shapes. Returns (chunks, args).
+    """
+    from dare_mega.checkpoint.hf_loader import check_hf_checkpoint, load_hf_weights
+
+    args = load_model_args(hf_dir, mask_token_id=mask_token_id, block_size=block_size)
+    check_layout(args, layout, source=os.path.join(hf_dir, "config.json"))
+    table = mapping_for(args)
+    reader = check_hf_checkpoint(args, hf_dir, table)
+    chunks = build_model(args, layout, options, source=hf_dir)
+    load_hf_weights(chunks, args, hf_dir, table=table, reader=reader)
+    return chunks, args

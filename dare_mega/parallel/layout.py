@@ -12,13 +12,17 @@ class ParallelLayout:
     tp: int = 1
     pp: int = 1
     ep: int = 1
-    etp: int = 1  # expert tensor parallel; 1 is what fine-grained MoE wants (and slime, verl use)
+    # expert tensor parallel; None: 1 when ep > 1 (what fine-grained MoE wants; slime and verl use it),
+    # else tp (with ep == 1 Megatron reduces expert grads over the dense data-parallel group only)
+    etp: int | None = None
     vpp: int | None = None  # virtual pipeline chunks per stage
     sequence_parallel: bool | None = None  # None: on whenever tp > 1
     moe_dispatcher: str = "alltoall"  # or "allgather"
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
+        if self.etp is None:
+            object.__setattr__(self, "etp", 1 if self.ep > 1 else self.tp)
         for key in ("tp", "pp", "ep", "etp"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
@@ -30,6 +34,11 @@ class ParallelLayout:
         if self.moe_dispatcher not in ("alltoall", "allgather"):
             raise ConfigError(
                 f"parallel layout: moe_dispatcher={self.moe_dispatcher!r}; expected 'alltoall' or 'allgather'"
+            )
+        if self.ep == 1 and self.etp != self.tp:
+            raise ConfigError(
+                f"parallel layout: etp={self.etp} with ep=1 must equal tp={self.tp} (Megatron reduces expert "
+                "gradients over the expert-data-parallel group only when ep > 1)"
             )
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel layout: sequence_parallel=True needs tp > 1")
@@ -63,7 +72,7 @@ class ParallelLayout:
 
     def describe(self) -> str:
         parts = [f"TP={self.tp}", f"PP={self.pp}", f"EP={self.ep}"]
-        if self.etp != 1:
+        if self.etp != (1 if self.ep > 1 else self.tp):
             parts.append(f"ETP={self.etp}")
         if self.vpp:
             parts.append(f"VPP={self.vpp}")

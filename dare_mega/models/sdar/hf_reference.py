@@ -44,3 +44,29 @@ def hf_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, allowe
     additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed.bool(), torch.finfo(dtype).min)
     with torch.no_grad():
         return model(input_ids=input_ids, position_ids=position_ids, attention_mask=additive).logits
+
+
+def hf_named_tensors(model, grads: bool = False) -> dict[str, torch.Tensor]:
+    """The reference's parameters (or their gradients) under the checkpoint's tensor names.
+
+    transformers stores MoE experts fused ([E, 2*ffn, hidden] gate_up_proj = [gate ; up] per expert,
+    [E, hidden, ffn] down_proj); they are split back into the per-expert names of the published checkpoints.
+    """
+    out = {}
+    for name, param in model.named_parameters():
+        value = param.grad if grads else param.detach()
+        if value is None:
+            continue
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            for e in range(value.shape[0]):
+                gate, up = value[e].chunk(2, dim=0)
+                out[f"{prefix}{e}.gate_proj.weight"] = gate
+                out[f"{prefix}{e}.up_proj.weight"] = up
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e in range(value.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = value[e]
+        else:
+            out[name] = value
+    return out

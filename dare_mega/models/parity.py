@@ -1,0 +1,177 @@
+"""Parity of the Megatron model with the HF reference, at any parallel layout (run under torchrun).
+
+The same seeded batch goes through transformers' reference model (one process, dense 4-D mask) and through
+the Megatron chunks of this layout (Megatron's pipeline schedule and micro-batches, each data-parallel rank
+with its own rows). Reported: the max |logit diff|, both losses, and the max |grad diff| over every tensor,
+each rank comparing its own shards with the matching slice of the reference gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from dare_mega.diffusion.masks import (
+    BlockDiffusionMask,
+    causal_mask,
+    inference_mask,
+    packed_position_ids,
+    two_stream_inputs,
+    two_stream_mask,
+)
+from dare_mega.models.args import ModelArgs
+from dare_mega.models.runner import Batch
+
+MASK_KINDS = ("block", "block-causal", "causal")
+
+
+def parity_batch(args: ModelArgs, mask_kind: str = "block", batch_size: int = 4, seq_len: int = 16,
+                 seed: int = 0, token_range: int | None = None) -> Batch:
+    """A seeded batch of packed rows (two samples per row) for the given mask.
+
+    block:        SDAR training layout [x_t ; x_0] (2*seq_len tokens), the noisy copy masked at random,
+                  loss on the masked noisy positions weighted 1/t as in SDAR training;
+    block-causal: one clean stream with the inference (block-causal) mask, loss on every position;
+    causal:       the same with the token-causal mask.
+    """
+    if mask_kind not in MASK_KINDS:
+        raise ValueError(f"mask kind {mask_kind!r}: expected one of {MASK_KINDS}")
+    g = torch.Generator().manual_seed(seed)
+    # Inputs stay below the pad id: HF builds nn.Embedding(padding_idx=pad), whose pad row never gets a
+    # gradient, while Megatron's embedding has no such exception (docs/architecture.md, "Known differences").
+    pad = args.diffusion.pad_token_id if args.diffusion else None
+    vocab = token_range or (pad if pad is not None and 0 < pad < args.vocab_size else args.vocab_size)
+    block = args.diffusion.block_size if args.diffusion else 4
+    first = [int(torch.randint(block, seq_len - block + 1, (1,), generator=g)) for _ in range(batch_size)]
+    positions = packed_position_ids([[n, seq_len - n] for n in first], seq_len)
+    clean = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
+    if mask_kind != "block":
+        mask = inference_mask(positions, block) if mask_kind == "block-causal" else causal_mask(positions)
+        weights = torch.ones(batch_size, seq_len)
+        return Batch(clean, positions, mask, labels=torch.randint(0, vocab, clean.shape, generator=g),
+                     loss_weights=weights)
+    t = torch.rand(batch_size, 1, generator=g) * 0.8 + 0.1
+    masked = torch.rand(batch_size, seq_len, generator=g) < t
+    masked[:, 0] = True  # at least one masked token per row
+    noisy = torch.where(masked, torch.full_like(clean, args.diffusion.mask_token_id), clean)
+    input_ids, position_ids = two_stream_inputs(noisy, clean, positions)
+    labels = torch.cat([clean, clean], dim=1)
+    weights = torch.cat([masked.float() / t, torch.zeros_like(clean, dtype=torch.float)], dim=1)
+    return Batch(input_ids, position_ids, two_stream_mask(positions, block), labels=labels, loss_weights=weights)
+
+
+def dense_mask(batch: Batch) -> torch.Tensor:
+    return batch.mask.dense() if isinstance(batch.mask, BlockDiffusionMask) else batch.mask.bool()
+
+
+def reference_loss_and_grads(model, batch: Batch) -> tuple[torch.Tensor, float, dict[str, torch.Tensor]]:
+    """HF reference: logits, the weighted per-token-mean NLL, and gradients under checkpoint names."""
+    from dare_mega.models.sdar.hf_reference import hf_named_tensors
+
+    model.zero_grad(set_to_none=True)
+    allowed = dense_mask(batch)
+    dtype = next(model.parameters()).dtype
+    additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=additive).logits
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.labels[..., None])[..., 0]
+    weights = batch.loss_weights
+    loss = -(logp * weights).sum() / (weights != 0).sum()
+    loss.backward()
+    return logits.detach().float(), loss.item(), hf_named_tensors(model, grads=True)
+
+
+@dataclass
+class ParityResult:
+    layout: str
+    mask: str
+    world_size: int
+    max_abs_logit_diff: float
+    loss_megatron: float | None = None
+    loss_reference: float | None = None
+    max_abs_grad_diff: float | None = None
+    tensors_compared: int = 0
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [f"layout {self.layout} on {self.world_size} process(es), mask {self.mask}"]
+        if self.loss_megatron is not None:
+            out.append(f"loss megatron={self.loss_megatron:.8f} reference={self.loss_reference:.8f} "
+                       f"diff={abs(self.loss_megatron - self.loss_reference):.3e}")
+            out.append(f"max_abs_grad_diff={self.max_abs_grad_diff:.3e} over {self.tensors_compared} tensors")
+        out.append(f"seconds={self.seconds:.1f}")
+        out.append(f"max_abs_logit_diff={self.max_abs_logit_diff:.3e}")
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_parity(hf_dir: str, layout, mask_kind: str = "block", batch_size: int = 4, seq_len: int = 16,
+               micro_batch_size: int = 1, grads: bool = True, seed: int = 0, options=None,
+               token_range: int | None = None):
+    """Under an initialised world: build, load, compare. Returns (ParityResult, batch, megatron logits)."""
+    from megatron.core import parallel_state as ps
+
+    from dare_mega.checkpoint.hf_loader import megatron_tensors, shard_group, unwrap
+    from dare_mega.models.builder import build_from_hf, mapping_for
+    from dare_mega.models.runner import Runner, wrap_for_training
+    from dare_mega.models.sdar.hf_reference import hf_reference_model
+    from dare_mega.models.transformer_config import RuntimeOptions
+    from dare_mega.models.weight_mapping import LayoutContext
+    from dare_mega.parallel.layout import init_model_parallel
+
+    start = time.time()
+    init_model_parallel(layout, seed=seed)
+    chunks, args = build_from_hf(hf_dir, layout, options or RuntimeOptions())
+    if grads:
+        chunks = wrap_for_training(chunks)
+    runner = Runner(chunks, args)
+    batch = parity_batch(args, mask_kind, batch_size, seq_len, seed, token_range)
+    logits = runner.logits(batch, micro_batch_size).cpu()
+    device = next(chunks[0].parameters()).device
+
+    rank = dist.get_rank()
+    need_reference = grads or rank == 0
+    reference = hf_reference_model(hf_dir) if need_reference else None
+    result = ParityResult(layout.describe(), mask_kind, dist.get_world_size(), float("nan"))
+    if need_reference:
+        ref_logits, ref_loss, ref_grads = reference_loss_and_grads(reference, batch)
+        result.max_abs_logit_diff = (logits - ref_logits).abs().max().item()
+        result.loss_reference = ref_loss
+    if grads:
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        if batch.size % (dp * micro_batch_size):
+            raise ValueError(f"batch {batch.size} is not divisible by dp*micro_batch_size = {dp}*{micro_batch_size}")
+        rows = batch.size // dp
+        result.loss_megatron = runner.loss_and_grads(batch.rows(dp_rank * rows, (dp_rank + 1) * rows),
+                                                     micro_batch_size)
+        table = mapping_for(args)
+        worst, compared = 0.0, 0
+        for chunk in chunks:
+            model = unwrap(chunk)
+            ctx = LayoutContext.of(args, padded_vocab=model.vocab_size)
+            for name, binding, tensor in megatron_tensors(model, table):
+                if not isinstance(tensor, torch.nn.Parameter):
+                    continue
+                expected = binding.row.to_megatron([ref_grads[n] for n in binding.hf_names], ctx)
+                expected = binding.row.shard(expected, *shard_group(binding))
+                diff = (tensor.main_grad.float().cpu() - expected.float()).abs().max().item()
+                worst = max(worst, diff)
+                if diff > 1e-4 and os.environ.get("DARE_MEGA_PARITY_DEBUG"):
+                    print(f"rank {dist.get_rank()}: grad of {name} differs by {diff:.3e} "
+                          f"(norm {tensor.main_grad.norm():.4e} vs {expected.norm():.4e})", flush=True)
+                compared += 1
+        stats = torch.tensor([worst], dtype=torch.float64, device=device)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        result.max_abs_grad_diff = stats[0].item()
+        result.tensors_compared = compared
+    summary = torch.tensor([result.max_abs_logit_diff if need_reference else -1.0], dtype=torch.float64,
+                           device=device)
+    dist.all_reduce(summary, op=dist.ReduceOp.MAX)
+    result.max_abs_logit_diff = summary.item()
+    result.seconds = time.time() - start
+    return result, batch, logits
