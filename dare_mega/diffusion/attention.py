@@ -39,12 +39,24 @@ def resolve_backend(name: str) -> str:
     return name
 
 
+def _eager_flex(*args, **kwargs):
+    """FlexAttention without compilation: the unfused reference arithmetic (CPU checks only)."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        warnings.filterwarnings("ignore", message=".*without torch.compile.*")
+        return flex_attention(*args, **kwargs)
+
+
 def _flex_attention():
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
     if not torch.cuda.is_available():
-        return flex_attention
+        return _eager_flex
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex

@@ -1,0 +1,103 @@
+"""The main job on the embedded default: `python -m dare_mega`.
+
+Until the RL loop lands, the main job is the foundation's proof: it writes a tiny SDAR-MoE checkpoint in the
+published layout, launches torchrun at TP=2 x EP=2 (4 processes: on the GPUs when there are 4, else on the
+CPU with gloo), loads the checkpoint into Megatron-Core, and prints how far its logits, loss and gradients
+are from transformers' reference model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from dare_mega.paths import REPO_ROOT
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cache_dir() -> str:
+    return os.environ.get("DARE_MEGA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dare_mega"))
+
+
+def tiny_checkpoint(preset: str, seed: int = 0) -> str:
+    """The tiny checkpoint of `preset`, made once and reused (written atomically)."""
+    from dare_mega.checkpoint.tiny import make_tiny_checkpoint
+
+    path = os.path.join(_cache_dir(), "checkpoints", f"{preset}-seed{seed}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        make_tiny_checkpoint(path, preset=preset, seed=seed)
+    return path
+
+
+def parity(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m dare_mega parity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny-sdar-moe", help="a preset of configs/models/ (tiny ones run on CPU)")
+    p.add_argument("--hf", help="an HF checkpoint directory instead of a tiny one made from --preset")
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=4)
+    p.add_argument("--mask", default="block", choices=("block", "block-causal", "causal"))
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when GPUs are present")
+    args = p.parse_args(argv)
+
+    import torch
+
+    hf_dir = args.hf or tiny_checkpoint(args.preset)
+    env = dict(os.environ)
+    use_gpus = not args.cpu and torch.cuda.is_available() and torch.cuda.device_count() >= args.nproc
+    if not use_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        env.setdefault("OMP_NUM_THREADS", "1")
+    device = f"{args.nproc} GPUs (nccl)" if use_gpus else f"CPU, {args.nproc} processes (gloo)"
+    print(f"dare_mega: parity of {hf_dir}\n  layout TP={args.tp} x PP={args.pp} x EP={args.ep} on {device}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "parity.json")
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
+            "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+            "-m", "dare_mega.cli.check_logits", "--hf", hf_dir, "--tp", str(args.tp), "--pp", str(args.pp),
+            "--ep", str(args.ep), "--mask", args.mask, "--grads", "--micro-batch-size", "1", "--json", report,
+        ]
+        start = time.time()
+        proc = subprocess.run(cmd, env=env, cwd=str(REPO_ROOT), capture_output=True, text=True)
+        if proc.returncode not in (0, 1) or not os.path.exists(report):
+            sys.stdout.write(proc.stdout[-4000:])
+            sys.stderr.write(proc.stderr[-8000:])
+            print(f"dare_mega: the parity run failed (exit status {proc.returncode})")
+            return proc.returncode or 1
+        import json
+
+        with open(report) as f:
+            r = json.load(f)
+    print(f"  logits: max |megatron - transformers| = {r['max_abs_logit_diff']:.3e}")
+    print(f"  loss:   megatron {r['loss_megatron']:.6f}, transformers {r['loss_reference']:.6f}")
+    print(f"  grads:  max |diff| = {r['max_abs_grad_diff']:.3e} over {r['tensors_compared']} tensors on rank 0")
+    verdict = "PASS" if r["passed"] else "FAIL"
+    print(f"{verdict}: tolerance {r['tolerance']:g}, {time.time() - start:.1f} s")
+    return 0 if r["passed"] else 1
+
+
+COMMANDS = {"parity": parity}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "parity"
+    return COMMANDS[command](argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

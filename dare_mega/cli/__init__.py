@@ -1,0 +1,1 @@
+"""Command-line entry points (the scripts in tools/ are thin wrappers around these)."""

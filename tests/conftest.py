@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny checkpoints made by the project, torchrun launcher, a world of one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DARE_MEGA_SHARED", REPO.parent / "shared"))
+REFERENCE_CONFIGS = SHARED / "reference" / "model_configs"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, script_or_module: list[str], timeout: int = 600, env: dict | None = None):
+    """Run under torchrun with gloo on loopback, one thread per process; returns the CompletedProcess."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", *script_or_module]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    proc = subprocess.run(cmd, cwd=str(REPO), env=full_env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def run_worker(nproc: int, cases: list[dict], tmp_path: Path, timeout: int = 900) -> list[dict]:
+    """Run tests/workers/parity_worker.py on `cases` in one torchrun call; returns its results."""
+    spec = tmp_path / f"cases-{nproc}.json"
+    out = tmp_path / f"results-{nproc}.json"
+    spec.write_text(json.dumps(cases))
+    proc = torchrun(nproc, ["tests/workers/parity_worker.py", str(spec), str(out)], timeout=timeout)
+    if proc.returncode != 0 or not out.exists():
+        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Tiny checkpoints of each family, made once per session: {"sdar": path, "sdar_moe": path}."""
+    from dare_mega.checkpoint.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "sdar": make_tiny_checkpoint(str(root / "tiny-sdar"), preset="tiny-sdar", seed=0),
+        "sdar_moe": make_tiny_checkpoint(str(root / "tiny-sdar-moe"), preset="tiny-sdar-moe", seed=0),
+    }
+
+
+@pytest.fixture(scope="session")
+def world1():
+    """torch.distributed and Megatron's groups for one process (TP=PP=EP=1), shared by in-process tests."""
+    from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
+
+    env = init_distributed()
+    init_model_parallel(ParallelLayout())
+    return env
+
+
+@pytest.fixture(scope="session")
+def reference_configs():
+    if not REFERENCE_CONFIGS.is_dir():
+        raise AssertionError(
+            f"{REFERENCE_CONFIGS} is missing: the published configs and tensor-name indexes live in ../shared "
+            "(set DARE_MEGA_SHARED to its location)"
+        )
+    return REFERENCE_CONFIGS

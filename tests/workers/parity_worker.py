@@ -1,0 +1,34 @@
+"""Runs parity cases at one world size (under torchrun) and writes their figures as JSON (rank 0).
+
+Each case: {"hf": dir, "layout": {...ParallelLayout fields}, "mask": kind, "micro_batch_size": m,
+"batch_size": b, "attention": backend, "grads": bool}.
+"""
+
+import json
+import sys
+
+
+def main():
+    from dare_mega.models.parity import run_parity
+    from dare_mega.models.transformer_config import RuntimeOptions
+    from dare_mega.parallel import ParallelLayout, destroy_distributed, init_distributed
+
+    env = init_distributed()
+    cases = json.load(open(sys.argv[1]))
+    results = []
+    for case in cases:
+        layout = ParallelLayout(**case["layout"])
+        result, batch, logits = run_parity(
+            case["hf"], layout, case.get("mask", "block"), batch_size=case.get("batch_size", 4),
+            seq_len=case.get("seq_len", 16), micro_batch_size=case.get("micro_batch_size", 1),
+            grads=case.get("grads", True), options=RuntimeOptions(attention_backend=case.get("attention", "auto")),
+        )
+        results.append({**case, **result.to_dict(), "logits_sum": float(logits.double().sum())})
+    if env.is_main:
+        with open(sys.argv[2], "w") as f:
+            json.dump(results, f, indent=2)
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
