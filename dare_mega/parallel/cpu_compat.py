@@ -117,7 +117,8 @@ def _no_stream_context(*args, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The redirects. Each `apply_*` does one thing; each probe returns True while Megatron still needs it.
+# The redirects. Each `_redirect_*` does one thing; each `_probe_*` reads Megatron's source (not the patched
+# objects) and returns True while Megatron still holds the assumption.
 
 
 def _redirect_current_device():
@@ -160,7 +161,7 @@ def _redirect_rng():
 def _probe_rng() -> bool:
     from megatron.core.tensor_parallel import random as tp_random
 
-    return "torch.cuda.default_generators" in inspect.getsource(tp_random._get_cuda_rng_state)
+    return "torch.cuda.default_generators" in inspect.getsource(tp_random)
 
 
 def _redirect_te_general_gemm():
@@ -231,9 +232,7 @@ def _redirect_uneven_gather():
 def _probe_uneven_gather() -> bool:
     from megatron.core.tensor_parallel import mappings
 
-    return "torch.distributed.all_gather(output_tensor_list" in inspect.getsource(
-        mappings._gather_along_first_dim
-    )
+    return "torch.distributed.all_gather(output_tensor_list" in inspect.getsource(mappings)
 
 
 def _redirect_cuda_factories():

@@ -1,0 +1,146 @@
+"""Model family SDAR: presets with the published numbers, config -> ModelArgs, the mapping table."""
+
+import json
+
+import pytest
+import torch
+
+from dare_mega.models.builder import args_from_config, mapping_for
+from dare_mega.models.presets import list_presets, load_preset
+from dare_mega.models.transformer_config import padded_vocab_size
+from dare_mega.models.weight_mapping import GatedFC1, GroupedQKV, LayoutContext, VocabRows, canonical
+
+PUBLISHED = {
+    "sdar-1.7b-chat": "SDAR-1dot7B-Chat",
+    "sdar-4b-chat": "SDAR-4B-Chat",
+    "sdar-8b-chat": "SDAR-8B-Chat",
+    "sdar-30b-a3b-chat": "SDAR-30B-A3B-Chat",
+}
+ARCHITECTURE_KEYS = (
+    "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta", "tie_word_embeddings", "max_position_embeddings",
+)
+
+
+@pytest.mark.parametrize("preset,published", sorted(PUBLISHED.items()))
+def test_presets_carry_the_published_numbers(preset, published, reference_configs):
+    reference = json.load(open(reference_configs / published / "config.json"))
+    mine = load_preset(preset)
+    for key in ARCHITECTURE_KEYS:
+        assert mine[key] == reference[key], f"{preset}: {key}={mine[key]!r}, published {reference[key]!r}"
+    for key, value in mine.items():  # nothing invented: every key of the preset is the published value
+        assert key in reference and reference[key] == value, f"{preset}: {key}={value!r} is not the published value"
+
+
+def test_sdar_30b_moe_numbers():
+    args = args_from_config(load_preset("sdar-30b-a3b-chat"))
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.num_kv_heads, args.head_dim) == (
+        48, 2048, 32, 4, 128)
+    assert args.moe.num_experts == 128 and args.moe.topk == 8 and args.moe.expert_ffn_hidden_size == 768
+    assert args.moe.norm_topk_prob and args.moe.score_function == "softmax"
+    assert args.moe.layer_pattern == (1,) * 48 and args.moe.shared_expert_ffn_hidden_size == 0
+    # the 30B config has neither block_size nor mask_token_id: the family defaults fill in
+    assert args.diffusion.mask_token_id == 151669 and args.diffusion.block_size == 4
+    assert not args.diffusion.shifted_logits
+
+
+def test_mask_and_block_are_overridable():
+    cfg = load_preset("sdar-4b-chat")
+    args = args_from_config(cfg, mask_token_id=151650, block_size=32)
+    assert args.diffusion.mask_token_id == 151650 and args.diffusion.block_size == 32
+    assert args_from_config({**cfg, "block_size": 16}).diffusion.block_size == 16
+
+
+def test_tiny_presets_follow_the_shape_rules():
+    for preset in ("tiny-sdar", "tiny-sdar-moe"):
+        args = args_from_config(load_preset(preset))
+        assert args.head_dim * args.num_attention_heads != args.hidden_size  # head_dim != hidden/heads
+        assert args.num_kv_heads > 1 and args.num_attention_heads // args.num_kv_heads > 1  # several KV groups
+        assert padded_vocab_size(args.vocab_size, 1) != args.vocab_size  # exercises vocab padding
+    assert args_from_config(load_preset("tiny-sdar-moe")).moe.num_experts >= 4
+
+
+def test_mlp_only_layers_and_sparse_step():
+    cfg = {**load_preset("tiny-sdar-moe"), "mlp_only_layers": [0], "decoder_sparse_step": 1}
+    assert args_from_config(cfg).moe.layer_pattern == (0, 1, 1, 1)
+    cfg = {**load_preset("tiny-sdar-moe"), "mlp_only_layers": [], "decoder_sparse_step": 2}
+    assert args_from_config(cfg).moe.layer_pattern == (0, 1, 0, 1)
+
+
+@pytest.mark.parametrize("preset,published", [("sdar-4b-chat", "SDAR-4B-Chat"), ("sdar-8b-chat", "SDAR-8B-Chat"),
+                                              ("sdar-30b-a3b-chat", "SDAR-30B-A3B-Chat")])
+def test_mapping_table_names_every_published_tensor(preset, published, reference_configs):
+    index = json.load(open(reference_configs / published / "model.safetensors.index.json"))["weight_map"]
+    table = mapping_for(args_from_config(load_preset(preset)))
+    assert set(table.expected_hf()) == set(index)
+
+
+def test_every_megatron_tensor_binds_to_one_row():
+    args = args_from_config(load_preset("tiny-sdar-moe"))
+    table = mapping_for(args)
+    seen = set()
+    for binding in table.bindings():
+        again = table.bind(binding.megatron_name)
+        assert (again.row, again.layer, again.expert) == (binding.row, binding.layer, binding.expert)
+        seen.add(binding.megatron_name)
+    assert "decoder.layers.3.mlp.experts.local_experts.7.linear_fc2.weight" in seen
+    assert canonical("decoder.layers.1.mlp.experts.linear_fc1.weight5") == (
+        "decoder.layers.1.mlp.experts.local_experts.5.linear_fc1.weight")
+
+
+def test_qkv_is_interleaved_per_query_group():
+    ctx = LayoutContext(num_heads=4, num_kv_heads=2, head_dim=3, vocab_size=10, padded_vocab=10)
+    q = torch.arange(12 * 5).reshape(12, 5).float()
+    k = 1000 + torch.arange(6 * 5).reshape(6, 5).float()
+    v = 2000 + torch.arange(6 * 5).reshape(6, 5).float()
+    row = GroupedQKV("x", ())
+    full = row.to_megatron([q, k, v], ctx)
+    # group g: q heads 2g, 2g+1, then k head g, then v head g (each 3 rows)
+    expected = torch.cat([q[0:6], k[0:3], v[0:3], q[6:12], k[3:6], v[3:6]])
+    assert torch.equal(full, expected)
+    assert all(torch.equal(a, b) for a, b in zip(row.to_hf(full, ctx), [q, k, v]))
+    fused = GroupedQKV("x", (), fused=True)
+    assert torch.equal(fused.to_megatron([torch.cat([q, k, v])], ctx), expected)
+    assert torch.equal(fused.to_hf(expected, ctx)[0], torch.cat([q, k, v]))
+    # TP=2 keeps whole groups on each rank
+    assert torch.equal(row.shard(full, 1, 2), expected[12:])
+
+
+def test_gated_fc1_shards_are_gate_and_up_slices():
+    gate, up = torch.arange(8.0)[:, None], 100 + torch.arange(8.0)[:, None]
+    row = GatedFC1("x", ())
+    full = row.to_megatron([gate, up], None)
+    shards = [row.shard(full, r, 2) for r in range(2)]
+    assert torch.equal(shards[0][:, 0], torch.tensor([0.0, 1, 2, 3, 100, 101, 102, 103]))
+    assert torch.equal(row.unshard(shards), full)
+    assert all(torch.equal(a, b) for a, b in zip(row.to_hf(full, None), [gate, up]))
+
+
+def test_vocab_rows_pad_and_strip():
+    ctx = LayoutContext(num_heads=1, num_kv_heads=1, head_dim=1, vocab_size=5, padded_vocab=8)
+    row = VocabRows("x", ())
+    emb = torch.randn(5, 3)
+    full = row.to_megatron([emb], ctx)
+    assert full.shape == (8, 3) and torch.equal(full[5:], torch.zeros(3, 3))
+    assert torch.equal(row.to_hf(full, ctx)[0], emb)
+    assert padded_vocab_size(151936, 2) == 152064 and padded_vocab_size(151936, 1) == 151936
+
+
+def test_whole_model_round_trip_through_the_table():
+    args = args_from_config(load_preset("tiny-sdar-moe"))
+    table = mapping_for(args)
+    ctx = LayoutContext.of(args, padded_vocab=512)
+    g = torch.Generator().manual_seed(0)
+    hf = {name: torch.randn(shape, generator=g) for name, shape in table.expected_hf().items()}
+    for binding in table.bindings():
+        full = binding.row.to_megatron([hf[n] for n in binding.hf_names], ctx)
+        for tp in (1, 2):
+            full = binding.row.unshard([binding.row.shard(full, r, tp) for r in range(tp)])
+        for name, tensor in zip(binding.hf_names, binding.row.to_hf(full, ctx)):
+            assert torch.equal(tensor, hf[name]), name
+
+
+def test_all_presets_parse():
+    for preset in list_presets():
+        args = args_from_config(load_preset(preset), preset)
+        assert args.diffusion is not None and mapping_for(args).expected_hf()

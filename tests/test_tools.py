@@ -1,0 +1,80 @@
+"""The command-line tools and the main job, run as a user runs them."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, torchrun
+
+
+def test_make_tiny_model_writes_the_published_layout(tmp_path):
+    out = tmp_path / "tiny-moe"
+    proc = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--family", "sdar_moe", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = set(os.listdir(out))
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= files
+    index = json.load(open(out / "model.safetensors.index.json"))["weight_map"]
+    assert len(set(index.values())) > 1  # sharded, with an index
+    assert "model.layers.0.mlp.experts.7.down_proj.weight" in index and "lm_head.weight" in index
+    config = json.load(open(out / "config.json"))
+    assert config["architectures"] == ["SDARMoeForCausalLM"] and "_preset" not in config
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.mask_token_id == config["mask_token_id"] and tok.pad_token_id == config["pad_token_id"]
+    ids = tok("héllo<|MASK|>")["input_ids"]
+    assert config["mask_token_id"] in ids and tok.decode(ids) == "héllo<|MASK|>"
+    chat = tok.apply_chat_template([{"role": "user", "content": "1+1?"}], add_generation_prompt=True, tokenize=False)
+    assert chat.endswith("<|im_start|>assistant\n")
+
+    again = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--family", "sdar", "--out", str(out)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+
+
+@pytest.mark.distributed
+def test_check_logits_prints_and_saves(tiny_dir, tmp_path):
+    save = tmp_path / "logits.pt"
+    proc = torchrun(2, ["tools/check_logits.py", "--hf", tiny_dir["sdar_moe"], "--tp", "2", "--mask", "block",
+                        "--save", str(save)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"max_abs_logit_diff=([0-9.e+-]+)", last)
+    assert match, f"last line is {last!r}"
+    assert float(match.group(1)) <= 1e-5
+    data = torch.load(save)
+    b, s = data["input_ids"].shape
+    assert data["attention_mask"].dtype == torch.bool and data["attention_mask"].shape == (b, 1, s, s)
+    assert data["megatron_logits"].dtype == torch.float32 and data["megatron_logits"].shape == (b, s, 500)
+    # anyone can check another implementation against it: here, transformers' model
+    from dare_mega.models.sdar.hf_reference import hf_logits, hf_reference_model
+
+    ref = hf_logits(hf_reference_model(tiny_dir["sdar_moe"]), data["input_ids"], data["position_ids"],
+                    data["attention_mask"])
+    assert (ref - data["megatron_logits"]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.distributed
+def test_check_logits_exit_status_follows_the_tolerance(tiny_dir):
+    proc = torchrun(1, ["tools/check_logits.py", "--hf", tiny_dir["sdar"], "--mask", "causal", "--grads",
+                        "--tolerance", "0"])
+    assert proc.returncode == 1 and "FAILED" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("max_abs_logit_diff=")
+
+
+@pytest.mark.distributed
+def test_main_job_runs_parity_at_tp2_ep2(tmp_path):
+    env = {**os.environ, "DARE_MEGA_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "dare_mega"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "TP=2 x PP=1 x EP=2" in proc.stdout and "PASS" in proc.stdout
+    assert re.search(r"logits: max \|megatron - transformers\| = [0-9.e+-]+", proc.stdout)
