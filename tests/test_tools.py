@@ -29,7 +29,12 @@ def test_make_tiny_model_writes_the_published_layout(tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(out))
-    assert tok.mask_token_id == config["mask_token_id"] and tok.pad_token_id == config["pad_token_id"]
+    assert tok.mask_token_id == config["mask_token_id"] and tok.pad_token_id == config["eos_token_id"] == 256
+    from dare_mega.models.builder import load_model_args
+
+    args = load_model_args(str(out))  # generation_config.json's stop ids come first
+    assert args.diffusion.eos_token_ids == (tok.convert_tokens_to_ids("<|im_end|>"), 256)
+    assert args.diffusion.pad_token_id == 256
     ids = tok("héllo<|MASK|>")["input_ids"]
     assert config["mask_token_id"] in ids and tok.decode(ids) == "héllo<|MASK|>"
     chat = tok.apply_chat_template([{"role": "user", "content": "1+1?"}], add_generation_prompt=True, tokenize=False)

@@ -7,6 +7,7 @@ tensor this rank holds, only the HF tensors it is made of, converts the layout a
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -100,11 +101,19 @@ def load_hf_weights(chunks, args: ModelArgs, directory: str, table: MappingTable
 
     table = table or mapping_for(args)
     reader = reader or check_hf_checkpoint(args, directory, table)
-    loaded = 0
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    work = []
     for chunk in chunks:
         model = unwrap(chunk)
         ctx = LayoutContext.of(args, padded_vocab=model.vocab_size)
-        for name, binding, tensor in megatron_tensors(model, table):
+        work += [(ctx, item) for item in megatron_tensors(model, table)]
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    loaded = 0
+    with tqdm(total=len(work), desc=f"loading {os.path.basename(os.path.normpath(directory))}", unit="tensor",
+              disable=not rank0 or len(work) < 200) as progress:
+        for ctx, (name, binding, tensor) in work:
             hf = [reader.get(n) for n in binding.hf_names]
             full = binding.row.to_megatron(hf, ctx)
             rank, size = shard_group(binding)
@@ -115,6 +124,7 @@ def load_hf_weights(chunks, args: ModelArgs, directory: str, table: MappingTable
                     f"{list(shard.shape)} but the model holds {list(tensor.shape)}"
                 )
             with torch.no_grad():
-                tensor.copy_(shard.to(tensor.dtype if binding.row.dtype is None else binding.row.dtype))
+                tensor.copy_(shard)  # casts to the tensor's dtype (an fp32 buffer stays fp32)
             loaded += 1
+            progress.update()
     return loaded

@@ -71,7 +71,9 @@ def make_tiny_checkpoint(out_dir: str, preset: str = "tiny-sdar", seed: int = 0,
         for file in os.listdir(tok_dir):
             with open(os.path.join(tok_dir, file), "rb") as f:
                 extra[file] = f.read()
-    generation = {"eos_token_id": list(args.diffusion.eos_token_ids), "pad_token_id": args.diffusion.pad_token_id}
+    # as published: generation stops on <|im_end|> and <|endoftext|>; pads with <|endoftext|>
+    im_end = 256 + TINY_SPECIALS.index("<|im_end|>")
+    generation = {"eos_token_id": [im_end, args.diffusion.pad_token_id], "pad_token_id": args.diffusion.pad_token_id}
     extra["generation_config.json"] = json.dumps(generation, indent=2).encode()
     write_hf_checkpoint(out_dir, tensors, config=cfg, max_shard_bytes=max_shard_bytes, extra_files=extra)
     return out_dir

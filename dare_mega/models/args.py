@@ -38,7 +38,7 @@ class DiffusionArgs:
 
 @dataclass(frozen=True)
 class ModelArgs:
-    family: str
+    family: str  # the variant: "sdar" or "sdar_moe" (the registry's family "sdar" covers both)
     architecture: str
     num_layers: int
     hidden_size: int

@@ -50,6 +50,15 @@ def args_from_config(cfg: dict, source: str = "config.json", mask_token_id: int 
 
 def load_model_args(path: str, mask_token_id: int | None = None, block_size: int | None = None) -> ModelArgs:
     cfg, source = read_hf_config(path)
+    generation = os.path.join(os.path.dirname(source), "generation_config.json")
+    if os.path.exists(generation):  # its eos list is what generation stops on
+        try:
+            with open(generation) as f:
+                eos = json.load(f).get("eos_token_id")
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{generation}: not valid JSON ({e})") from e
+        if eos is not None:
+            cfg = {**cfg, "generation_eos_token_id": eos}
     return args_from_config(cfg, source, mask_token_id=mask_token_id, block_size=block_size)
 
 

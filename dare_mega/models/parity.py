@@ -41,10 +41,10 @@ def parity_batch(args: ModelArgs, mask_kind: str = "block", batch_size: int = 4,
     if mask_kind not in MASK_KINDS:
         raise ValueError(f"mask kind {mask_kind!r}: expected one of {MASK_KINDS}")
     g = torch.Generator().manual_seed(seed)
-    # Inputs stay below the pad id: HF builds nn.Embedding(padding_idx=pad), whose pad row never gets a
-    # gradient, while Megatron's embedding has no such exception (docs/architecture.md, "Known differences").
-    pad = args.diffusion.pad_token_id if args.diffusion else None
-    vocab = token_range or (pad if pad is not None and 0 < pad < args.vocab_size else args.vocab_size)
+    # When config.json sets pad_token_id, HF's nn.Embedding(padding_idx=pad) never updates that row while
+    # Megatron's embedding does (docs/architecture.md, "Known differences"): inputs then stay below it.
+    padding_idx = args.extra.get("hf_padding_idx")
+    vocab = token_range or (padding_idx if padding_idx and padding_idx < args.vocab_size else args.vocab_size)
     block = args.diffusion.block_size if args.diffusion else 4
     first = [int(torch.randint(block, seq_len - block + 1, (1,), generator=g)) for _ in range(batch_size)]
     positions = packed_position_ids([[n, seq_len - n] for n in first], seq_len)

@@ -23,7 +23,9 @@ class RuntimeOptions:
     moe_grouped_gemm: bool | None = None  # None: with Transformer Engine
     make_vocab_size_divisible_by: int = 128
     recompute_granularity: str | None = None  # None | "full" | "selective"
-    moe_aux_loss_coef: float | None = None  # None: the HF config's value only if output_router_logits
+    # None: no load-balancing loss (the parity default; SDAR's HF training leaves it off, output_router_logits
+    # false). The HF config's router_aux_loss_coef is kept in MoEArgs.aux_loss_coef for recipes that want it.
+    moe_aux_loss_coef: float | None = None
 
 
 def check_layout(args: ModelArgs, layout: ParallelLayout, source: str = "config.json") -> None:

@@ -7,8 +7,8 @@ code still holds the assumption; tests/test_cpu_compat.py fails when a new Megat
 them unnecessary or wrong.
 
 The sequence-parallel RMSNorm (the fifth item of ../shared/reference/megatron_core_on_cpu.md) is not a
-redirect: dare_mega's layer spec always uses its own norm, whose arithmetic is right on GPUs as well
-(dare_mega/models/layers.py).
+redirect: without Transformer Engine, dare_mega's layer spec uses its own RMSNorm, whose arithmetic is right
+on GPUs as well (dare_mega/models/spec.py); with it, TENorm.
 """
 
 from __future__ import annotations

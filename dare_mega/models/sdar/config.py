@@ -77,8 +77,15 @@ def args_from_hf(cfg: dict, source: str = "config.json", mask_token_id: int | No
     vocab = require(cfg, "vocab_size", source)
     if not 0 <= mask < vocab:
         raise ConfigError(f"{source}: mask_token_id={mask} is outside the vocabulary (vocab_size={vocab})")
-    eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    # generation_config.json's list (e.g. [<|im_end|>, <|endoftext|>]) first, then config.json's id
+    eos_ids: tuple = ()
+    for eos in (cfg.get("generation_eos_token_id"), cfg.get("eos_token_id")):
+        eos_ids += tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    first_eos = eos_ids[0] if eos_ids else None
+    pad = cfg.get("pad_token_id")
+    if pad is None:  # SDAR pads with <|endoftext|> (151643), which is also config.json's eos_token_id
+        pad = PAD_TOKEN_ID if vocab > PAD_TOKEN_ID else cfg.get("eos_token_id", first_eos)
+        pad = pad[-1] if isinstance(pad, list) else pad
     return ModelArgs(
         family="sdar_moe" if moe else "sdar",
         architecture=arch,
@@ -99,7 +106,10 @@ def args_from_hf(cfg: dict, source: str = "config.json", mask_token_id: int | No
             mask_token_id=mask,
             block_size=block,
             shifted_logits=False,
-            pad_token_id=cfg.get("pad_token_id", PAD_TOKEN_ID if vocab > PAD_TOKEN_ID else None),
+            pad_token_id=pad,
             eos_token_ids=tuple(dict.fromkeys(eos_ids + tuple(i for i in EOS_TOKEN_IDS if i < vocab))),
         ),
+        # transformers builds nn.Embedding(padding_idx=pad_token_id) when config.json sets one: that row then
+        # never gets a gradient in HF training (Megatron's embedding has no such exception)
+        extra={"hf_padding_idx": cfg.get("pad_token_id")},
     )
