@@ -31,9 +31,14 @@ def _cache_dir() -> str:
 
 def tiny_checkpoint(preset: str, seed: int = 0) -> str:
     """The tiny checkpoint of `preset`, made once and reused (written atomically)."""
-    from dare_mega.checkpoint.tiny import make_tiny_checkpoint
+    import hashlib
 
-    path = os.path.join(_cache_dir(), "checkpoints", f"{preset}-seed{seed}")
+    from dare_mega.checkpoint.tiny import make_tiny_checkpoint
+    from dare_mega.models.presets import preset_file
+
+    # keyed by the preset's content, so that an edited preset never reuses a stale checkpoint
+    digest = hashlib.sha256(preset_file(preset).read_bytes()).hexdigest()[:10]
+    path = os.path.join(_cache_dir(), "checkpoints", f"{preset}-seed{seed}-{digest}")
     if not os.path.exists(os.path.join(path, "config.json")):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         make_tiny_checkpoint(path, preset=preset, seed=seed)
