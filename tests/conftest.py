@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("DARE_MEGA_SHARED", REPO.parent / "shared"))
+def _shared() -> Path:
+    """../shared beside the checkout (or $DARE_MEGA_SHARED): the published configs and tensor-name indexes."""
+    if os.environ.get("DARE_MEGA_SHARED"):
+        return Path(os.environ["DARE_MEGA_SHARED"])
+    for candidate in (REPO.parent / "shared", Path("/work/shared")):
+        if candidate.is_dir():
+            return candidate
+    return REPO.parent / "shared"
+
+
+SHARED = _shared()
 REFERENCE_CONFIGS = SHARED / "reference" / "model_configs"
 
 
