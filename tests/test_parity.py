@@ -23,6 +23,7 @@ def check(results):
     for r in results:
         name = f"{r['layout']} {r['mask']} ({r['hf'].rsplit('/', 1)[-1]}, attention {r['attention']})"
         assert r["max_abs_logit_diff"] <= TOL, f"{name}: logits differ by {r['max_abs_logit_diff']:.3e}"
+        assert r["max_abs_logprob_diff"] <= TOL, f"{name}: log-probs differ by {r['max_abs_logprob_diff']:.3e}"
         if not r["grads"]:
             continue
         assert abs(r["loss_megatron"] - r["loss_reference"]) <= TOL, f"{name}: loss {r['loss_megatron']} vs {r['loss_reference']}"

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         args.hf, layout, args.mask, batch_size=args.batch_size, seq_len=args.seq_len,
         micro_batch_size=args.micro_batch_size, grads=args.grads, seed=args.seed, options=options,
     )
-    failed = result.max_abs_logit_diff > args.tolerance or (
+    failed = max(result.max_abs_logit_diff, result.max_abs_logprob_diff) > args.tolerance or (
         args.grads and (result.max_abs_grad_diff > args.tolerance
                         or abs(result.loss_megatron - result.loss_reference) > args.tolerance)
     )

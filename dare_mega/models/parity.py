@@ -90,6 +90,7 @@ class ParityResult:
     mask: str
     world_size: int
     max_abs_logit_diff: float
+    max_abs_logprob_diff: float | None = None  # vocab-parallel log p(label), never gathering the vocab
     loss_megatron: float | None = None
     loss_reference: float | None = None
     max_abs_grad_diff: float | None = None
@@ -102,6 +103,7 @@ class ParityResult:
             out.append(f"loss megatron={self.loss_megatron:.8f} reference={self.loss_reference:.8f} "
                        f"diff={abs(self.loss_megatron - self.loss_reference):.3e}")
             out.append(f"max_abs_grad_diff={self.max_abs_grad_diff:.3e} over {self.tensors_compared} tensors")
+        out.append(f"max_abs_logprob_diff={self.max_abs_logprob_diff:.3e} (vocab-parallel log p(label))")
         out.append(f"seconds={self.seconds:.1f}")
         out.append(f"max_abs_logit_diff={self.max_abs_logit_diff:.3e}")
         return out
@@ -132,6 +134,7 @@ def run_parity(hf_dir: str, layout, mask_kind: str = "block", batch_size: int = 
     runner = Runner(chunks, args)
     batch = parity_batch(args, mask_kind, batch_size, seq_len, seed, token_range)
     logits = runner.logits(batch, micro_batch_size).cpu()
+    log_probs = runner.token_log_probs(batch, micro_batch_size).cpu()
     device = next(chunks[0].parameters()).device
 
     rank = dist.get_rank()
@@ -141,6 +144,8 @@ def run_parity(hf_dir: str, layout, mask_kind: str = "block", batch_size: int = 
     if need_reference:
         ref_logits, ref_loss, ref_grads = reference_loss_and_grads(reference, batch)
         result.max_abs_logit_diff = (logits - ref_logits).abs().max().item()
+        ref_log_probs = torch.log_softmax(ref_logits, dim=-1).gather(-1, batch.labels[..., None])[..., 0]
+        result.max_abs_logprob_diff = (log_probs - ref_log_probs).abs().max().item()
         result.loss_reference = ref_loss
     if grads:
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -169,9 +174,9 @@ def run_parity(hf_dir: str, layout, mask_kind: str = "block", batch_size: int = 
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
         result.max_abs_grad_diff = stats[0].item()
         result.tensors_compared = compared
-    summary = torch.tensor([result.max_abs_logit_diff if need_reference else -1.0], dtype=torch.float64,
-                           device=device)
+    summary = torch.tensor([result.max_abs_logit_diff, result.max_abs_logprob_diff] if need_reference
+                           else [-1.0, -1.0], dtype=torch.float64, device=device)
     dist.all_reduce(summary, op=dist.ReduceOp.MAX)
-    result.max_abs_logit_diff = summary.item()
+    result.max_abs_logit_diff, result.max_abs_logprob_diff = summary.tolist()
     result.seconds = time.time() - start
     return result, batch, logits

@@ -139,36 +139,32 @@ class Runner:
 
     # ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def logits(self, batch: Batch, micro_batch_size: int | None = None) -> torch.Tensor:
-        """Full-vocabulary float32 logits [B, S, vocab] on every rank."""
+    def _collect(self, batch: Batch, micro_batch_size: int | None, per_micro_batch, shape) -> torch.Tensor:
+        """Forward only; `per_micro_batch(mb, output)` on the last stage, concatenated and sent to every rank."""
         for chunk in self.chunks:
             chunk.eval()
-        vocab = self.args.vocab_size
         pieces: list[torch.Tensor] = []
 
         def collect(mb, output):
-            pieces.append(gather_vocab(output, vocab).float())
+            pieces.append(per_micro_batch(mb, output))
             return output.sum() * 0.0, {}
 
         self._run(batch, micro_batch_size or batch.size, collect, forward_only=True)
         full = torch.cat(pieces, dim=0) if pieces else None
-        return self._broadcast_from_last_stage(full, (batch.size, batch.seq_len, vocab))
+        return self._broadcast_from_last_stage(full, shape)
+
+    def logits(self, batch: Batch, micro_batch_size: int | None = None) -> torch.Tensor:
+        """Full-vocabulary float32 logits [B, S, vocab] on every rank."""
+        vocab = self.args.vocab_size
+        return self._collect(batch, micro_batch_size, lambda mb, out: gather_vocab(out, vocab).float(),
+                             (batch.size, batch.seq_len, vocab))
 
     def token_log_probs(self, batch: Batch, micro_batch_size: int | None = None) -> torch.Tensor:
         """log p(labels) [B, S] (float32) on every rank, computed vocab-parallel."""
-        for chunk in self.chunks:
-            chunk.eval()
         vocab = self.args.vocab_size
-        pieces: list[torch.Tensor] = []
-
-        def collect(mb, output):
-            pieces.append(vocab_parallel_log_probs(output, mb.labels, vocab))
-            return output.sum() * 0.0, {}
-
-        with torch.no_grad():
-            self._run(batch, micro_batch_size or batch.size, collect, forward_only=True)
-        full = torch.cat(pieces, dim=0) if pieces else None
-        return self._broadcast_from_last_stage(full, (batch.size, batch.seq_len))
+        return self._collect(batch, micro_batch_size,
+                             lambda mb, out: vocab_parallel_log_probs(out, mb.labels, vocab),
+                             (batch.size, batch.seq_len))
 
     def loss_and_grads(self, batch: Batch, micro_batch_size: int | None = None) -> float:
         """Weighted NLL summed over the global batch / number of weighted positions; grads in main_grad.
