@@ -41,6 +41,14 @@ def torchrun(nproc: int, script_or_module: list[str], timeout: int = 600, env: d
     return proc
 
 
+def run_json_worker(nproc: int, args: list[str], out: Path, timeout: int = 900):
+    """Run a worker script that writes JSON to `out` (its last argument); returns the parsed JSON."""
+    proc = torchrun(nproc, [*args, str(out)], timeout=timeout)
+    if proc.returncode != 0 or not out.exists():
+        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
 def run_worker(nproc: int, cases: list[dict], tmp_path: Path, timeout: int = 900) -> list[dict]:
     """Run tests/workers/parity_worker.py on `cases` in one torchrun call; returns its results."""
     spec = tmp_path / f"cases-{nproc}.json"
@@ -54,13 +62,14 @@ def run_worker(nproc: int, cases: list[dict], tmp_path: Path, timeout: int = 900
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """Tiny checkpoints of each family, made once per session: {"sdar": path, "sdar_moe": path}."""
+    """Tiny checkpoints of each family, made once per session: {"sdar": path, "sdar_moe": ..., "llada2_moe": ...}."""
     from dare_mega.checkpoint.tiny import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
     return {
         "sdar": make_tiny_checkpoint(str(root / "tiny-sdar"), preset="tiny-sdar", seed=0),
         "sdar_moe": make_tiny_checkpoint(str(root / "tiny-sdar-moe"), preset="tiny-sdar-moe", seed=0),
+        "llada2_moe": make_tiny_checkpoint(str(root / "tiny-llada2-moe"), preset="tiny-llada2-moe", seed=0),
     }
 
 

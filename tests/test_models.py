@@ -11,6 +11,8 @@ from dare_mega.models.transformer_config import padded_vocab_size
 from dare_mega.models.weight_mapping import GatedFC1, GroupedQKV, LayoutContext, VocabRows, canonical
 
 PUBLISHED = {
+    "llada2.0-mini": "LLaDA2.0-mini",
+    "llada2.1-mini": "LLaDA2.1-mini",
     "sdar-1.7b-chat": "SDAR-1dot7B-Chat",
     "sdar-4b-chat": "SDAR-4B-Chat",
     "sdar-8b-chat": "SDAR-8B-Chat",
@@ -68,7 +70,8 @@ def test_mlp_only_layers_and_sparse_step():
 
 
 @pytest.mark.parametrize("preset,published", [("sdar-4b-chat", "SDAR-4B-Chat"), ("sdar-8b-chat", "SDAR-8B-Chat"),
-                                              ("sdar-30b-a3b-chat", "SDAR-30B-A3B-Chat")])
+                                              ("sdar-30b-a3b-chat", "SDAR-30B-A3B-Chat"),
+                                              ("llada2.0-mini", "LLaDA2.0-mini"), ("llada2.1-mini", "LLaDA2.1-mini")])
 def test_mapping_table_names_every_published_tensor(preset, published, reference_configs):
     index = json.load(open(reference_configs / published / "model.safetensors.index.json"))["weight_map"]
     table = mapping_for(args_from_config(load_preset(preset)))
@@ -144,3 +147,46 @@ def test_all_presets_parse():
     for preset in list_presets():
         args = args_from_config(load_preset(preset), preset)
         assert args.diffusion is not None and mapping_for(args).expected_hf()
+
+
+def test_llada2_numbers():
+    mini = args_from_config(load_preset("llada2.0-mini"))
+    assert mini.architecture == "LLaDA2MoeModelLM" and mini.family == "llada2_moe"
+    assert mini.moe.layer_pattern == (0,) + (1,) * 19  # first_k_dense_replace = 1
+    assert (mini.moe.num_experts, mini.moe.topk, mini.moe.num_groups, mini.moe.group_topk) == (256, 8, 8, 4)
+    assert mini.moe.score_function == "sigmoid" and mini.moe.expert_bias and mini.moe.scaling_factor == 2.5
+    assert mini.moe.shared_expert_ffn_hidden_size == 512 and mini.ffn_hidden_size == 5120
+    assert mini.rotary_percent == 0.5 and mini.head_dim * mini.rotary_percent == 64 and mini.rope_theta == 600000
+    assert mini.diffusion.mask_token_id == 156895 and mini.diffusion.block_size == 32
+    assert mini.diffusion.pad_token_id == 156892 and mini.diffusion.eos_token_ids == (156892,)
+    assert not mini.tie_word_embeddings
+    flash = args_from_config(load_preset("llada2.0-flash"))
+    assert (flash.num_layers, flash.hidden_size, flash.num_attention_heads, flash.num_kv_heads) == (32, 4096, 32, 4)
+    assert flash.ffn_hidden_size == 9216 and flash.moe.expert_ffn_hidden_size == 1024
+
+
+def test_llada2_group_score_rule_is_checked():
+    from dare_mega.errors import ConfigError
+
+    cfg = load_preset("llada2.0-mini")
+    with pytest.raises(ConfigError, match="num_experts_per_tok == 2 \\* topk_group"):
+        args_from_config({**cfg, "num_experts_per_tok": 6})
+    with pytest.raises(ConfigError, match="num_experts=256 is not divisible by n_group=7"):
+        args_from_config({**cfg, "n_group": 7})
+    with pytest.raises(ConfigError, match="rotary_dim=32 disagrees"):
+        args_from_config({**cfg, "rotary_dim": 32})
+
+
+def test_llada2_reference_names_match_the_published_index(reference_configs):
+    """The plain PyTorch reference, built from the mini config, has exactly the published tensor names."""
+    from dare_mega.models.llada2.reference import LLaDA2Reference
+
+    cfg = json.load(open(reference_configs / "LLaDA2.0-mini" / "config.json"))
+    with torch.device("meta"):
+        model = LLaDA2Reference(cfg)
+    index = json.load(open(reference_configs / "LLaDA2.0-mini" / "model.safetensors.index.json"))["weight_map"]
+    assert set(model.state_dict()) == set(index)
+    table = mapping_for(args_from_config(load_preset("llada2.0-mini")))
+    expected = table.expected_hf()
+    for name, tensor in model.state_dict().items():
+        assert tuple(tensor.shape) == expected[name], name

@@ -29,16 +29,17 @@ def check(results):
         assert abs(r["loss_megatron"] - r["loss_reference"]) <= TOL, f"{name}: loss {r['loss_megatron']} vs {r['loss_reference']}"
         assert r["max_abs_grad_diff"] <= TOL, f"{name}: gradients differ by {r['max_abs_grad_diff']:.3e}"
         assert r["tensors_compared"] > 0, f"{name}: no gradient compared"
-    losses = [r["loss_megatron"] for r in results if r["grads"] and r["mask"] == "block" and "moe" in r["hf"]]
-    if len(losses) > 1:
-        assert max(losses) - min(losses) <= TOL, f"losses differ across layouts: {losses}"
+    for family in ("sdar-moe", "llada2-moe"):
+        losses = [r["loss_megatron"] for r in results if r["grads"] and r["mask"] == "block" and family in r["hf"]]
+        if len(losses) > 1:
+            assert max(losses) - min(losses) <= TOL, f"{family}: losses differ across layouts: {losses}"
 
 
 @pytest.mark.distributed
 def test_parity_one_process(tiny_dir, tmp_path):
-    dense, moe = tiny_dir["sdar"], tiny_dir["sdar_moe"]
+    dense, moe, llada2 = tiny_dir["sdar"], tiny_dir["sdar_moe"], tiny_dir["llada2_moe"]
     check(run_worker(1, [
-        case(dense), case(moe), case(moe, mask="block-causal"), case(dense, mask="causal"),
+        case(dense), case(moe), case(moe, mask="block-causal"), case(dense, mask="causal"), case(llada2),
         # FlexAttention (the GPU kernel's arithmetic, eager here; it has no CPU backward): same logits
         case(dense, attention="flex", grads=False), case(moe, attention="flex", micro_batch_size=2, grads=False),
     ], tmp_path))
@@ -46,7 +47,7 @@ def test_parity_one_process(tiny_dir, tmp_path):
 
 @pytest.mark.distributed
 def test_parity_two_processes(tiny_dir, tmp_path):
-    dense, moe = tiny_dir["sdar"], tiny_dir["sdar_moe"]
+    dense, moe, llada2 = tiny_dir["sdar"], tiny_dir["sdar_moe"], tiny_dir["llada2_moe"]
     check(run_worker(2, [
         case(dense, tp=2),                                   # TP=2 with sequence parallelism
         case(moe, tp=2),                                     # MoE at TP=2 (experts at ETP=2)
@@ -54,12 +55,13 @@ def test_parity_two_processes(tiny_dir, tmp_path):
         case(moe, ep=2, moe_dispatcher="allgather"),
         case(dense, pp=2, micro_batch_size=1),               # 1F1B schedule, 4 micro-batches
         case(moe, pp=2, vpp=2, micro_batch_size=1),          # interleaved schedule
+        case(llada2, pp=2),                                  # dense layer 0 and MoE layer 1 on stage 0
     ], tmp_path))
 
 
 @pytest.mark.distributed
 def test_parity_four_processes(tiny_dir, tmp_path):
-    dense, moe = tiny_dir["sdar"], tiny_dir["sdar_moe"]
+    dense, moe, llada2 = tiny_dir["sdar"], tiny_dir["sdar_moe"], tiny_dir["llada2_moe"]
     check(run_worker(4, [
         case(moe, ep=4, moe_dispatcher="alltoall"),
         case(moe, ep=4, moe_dispatcher="allgather"),
@@ -68,4 +70,22 @@ def test_parity_four_processes(tiny_dir, tmp_path):
         case(moe, tp=2, pp=2),
         case(moe, tp=2, ep=2, etp=2, mask="block-causal"),   # expert tensor parallel (gloo uneven gathers)
         case(dense, tp=2, pp=2, mask="causal"),
+        case(llada2, tp=2, ep=2),                            # LLaDA2 with the block mask, SP, shared expert
+        case(llada2, ep=4, moe_dispatcher="allgather", mask="block-causal"),
     ], tmp_path))
+
+
+@pytest.mark.distributed
+def test_llada2_router_picks_the_same_experts(tiny_dir, tmp_path):
+    """Group-limited selection on score + expert_bias, unbiased renormalised weights: token by token at TP2xEP2."""
+    import json
+
+    from conftest import run_json_worker
+
+    report = run_json_worker(4, ["tests/workers/router_worker.py", tiny_dir["llada2_moe"],
+                                 json.dumps({"tp": 2, "ep": 2})], tmp_path / "router.json")
+    assert report["bias_or_groups_change_choice"], "the test batch does not exercise biased / grouped selection"
+    assert [layer["layer"] for layer in report["layers"]] == [2, 3, 4]  # layer 1 is dense
+    for layer in report["layers"]:
+        assert layer["same_experts"], f"layer {layer['layer']}: Megatron chose other experts"
+        assert layer["max_abs_prob_diff"] <= 1e-6, f"layer {layer['layer']}: weights differ"

@@ -60,10 +60,10 @@ def test_check_logits_prints_and_saves(tiny_dir, tmp_path):
     assert data["attention_mask"].dtype == torch.bool and data["attention_mask"].shape == (b, 1, s, s)
     assert data["megatron_logits"].dtype == torch.float32 and data["megatron_logits"].shape == (b, s, 500)
     # anyone can check another implementation against it: here, transformers' model
-    from dare_mega.models.sdar.hf_reference import hf_logits, hf_reference_model
+    from dare_mega.models.reference import reference_logits, reference_model
 
-    ref = hf_logits(hf_reference_model(tiny_dir["sdar_moe"]), data["input_ids"], data["position_ids"],
-                    data["attention_mask"])
+    ref = reference_logits(reference_model(tiny_dir["sdar_moe"]), data["input_ids"], data["position_ids"],
+                           data["attention_mask"])
     assert (ref - data["megatron_logits"]).abs().max().item() <= 1e-5
 
 

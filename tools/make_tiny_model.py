@@ -12,7 +12,7 @@ import sys
 from dare_mega.checkpoint.tiny import make_tiny_checkpoint
 from dare_mega.models.presets import tiny_preset_for
 
-FAMILIES = ("sdar", "sdar_moe")
+FAMILIES = ("sdar", "sdar_moe", "llada2_moe")
 
 
 def main(argv=None) -> int:

@@ -16,15 +16,29 @@ import torch
 
 from dare_mega.checkpoint.safetensors_io import write_hf_checkpoint
 from dare_mega.models.builder import args_from_config, mapping_for
+from dare_mega.models.family import family_for
 from dare_mega.models.presets import load_preset
 
-# Specials of the tiny tokenizer, right after the 256 byte tokens (ids as in the tiny presets).
-TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>", "<think>", "</think>"]
-
-CHAT_TEMPLATE = (
+# The tiny tokenizers: the 256 byte tokens, then each family's special tokens (ids as in the tiny presets),
+# its chat format, and what its published generation_config.json says.
+QWEN_CHAT = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+LLADA2_CHAT = (
+    "{{ '<role>SYSTEM</role>' }}{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ message['content'] + '<|role_end|>' }}{% else %}{{ '<role>' + ('HUMAN' if message['role'] == 'user' "
+    "else message['role'] | upper) + '</role>' + message['content'] + '<|role_end|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<role>ASSISTANT</role>' }}{% endif %}"
+)
+TOKENIZERS = {
+    "sdar": dict(specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>", "<think>", "</think>"],
+                 eos="<|im_end|>", pad="<|endoftext|>", mask="<|MASK|>", chat=QWEN_CHAT,
+                 generation_eos=["<|im_end|>", "<|endoftext|>"]),
+    "llada2": dict(specials=["<|endoftext|>", "<|startoftext|>", "<|role_end|>", "<|mask|>"],
+                   eos="<|endoftext|>", pad="<|endoftext|>", mask="<|mask|>", chat=LLADA2_CHAT, generation_eos=None),
+}
+TINY_SPECIALS = TOKENIZERS["sdar"]["specials"]
 
 
 def _init_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -34,24 +48,27 @@ def _init_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) 
     return std * torch.randn(shape, generator=generator)
 
 
-def save_tiny_tokenizer(directory: str, specials: list[str] = TINY_SPECIALS) -> None:
+def save_tiny_tokenizer(directory: str, family: str = "sdar") -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    spec = TOKENIZERS[family]
+    specials = spec["specials"]
     byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
     byte_vocab = {ch: i for i, ch in enumerate(sorted(byte_vocab, key=lambda c: ord(c)))}
     tokenizer = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(specials)
+    named = (spec["eos"], spec["pad"], spec["mask"])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        mask_token="<|MASK|>",
-        additional_special_tokens=[t for t in specials if t not in ("<|endoftext|>", "<|im_end|>", "<|MASK|>")],
+        eos_token=spec["eos"],
+        pad_token=spec["pad"],
+        mask_token=spec["mask"],
+        additional_special_tokens=[t for t in specials if t not in named],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = spec["chat"]
     fast.save_pretrained(directory)
 
 
@@ -65,15 +82,18 @@ def make_tiny_checkpoint(out_dir: str, preset: str = "tiny-sdar", seed: int = 0,
     tensors = {
         name: _init_tensor(name, shape, generator).to(dtype) for name, shape in sorted(table.expected_hf().items())
     }
+    family = family_for(args.architecture).name
     with tempfile.TemporaryDirectory() as tok_dir:
-        save_tiny_tokenizer(tok_dir)
+        save_tiny_tokenizer(tok_dir, family)
         extra = {}
         for file in os.listdir(tok_dir):
             with open(os.path.join(tok_dir, file), "rb") as f:
                 extra[file] = f.read()
-    # as published: generation stops on <|im_end|> and <|endoftext|>; pads with <|endoftext|>
-    im_end = 256 + TINY_SPECIALS.index("<|im_end|>")
-    generation = {"eos_token_id": [im_end, args.diffusion.pad_token_id], "pad_token_id": args.diffusion.pad_token_id}
+    # as published: SDAR stops on <|im_end|> and <|endoftext|>; LLaDA2's file names only the pad
+    spec = TOKENIZERS[family]
+    generation = {"pad_token_id": args.diffusion.pad_token_id}
+    if spec["generation_eos"]:
+        generation["eos_token_id"] = [256 + spec["specials"].index(t) for t in spec["generation_eos"]]
     extra["generation_config.json"] = json.dumps(generation, indent=2).encode()
     write_hf_checkpoint(out_dir, tensors, config=cfg, max_shard_bytes=max_shard_bytes, extra_files=extra)
     return out_dir

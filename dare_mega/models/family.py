@@ -21,6 +21,11 @@ class ModelFamily:
     mapping: Callable[[ModelArgs], MappingTable]
     default_mask_token_id: int
     default_block_size: int
+    # the single-process HF reference: (checkpoint dir) -> module whose forward(input_ids, position_ids,
+    # attention_mask=additive [b, 1, s, s]) returns an object with .logits; and (module, grads) -> tensors
+    # under the checkpoint's names
+    reference: Callable | None = None
+    reference_named_tensors: Callable | None = None
 
 
 _FAMILIES: dict[str, ModelFamily] = {}

@@ -70,18 +70,15 @@ def dense_mask(batch: Batch) -> torch.Tensor:
 
 def reference_loss_and_grads(model, batch: Batch) -> tuple[torch.Tensor, float, dict[str, torch.Tensor]]:
     """HF reference: logits, the weighted per-token-mean NLL, and gradients under checkpoint names."""
-    from dare_mega.models.sdar.hf_reference import hf_named_tensors
+    from dare_mega.models.reference import reference_forward, reference_named_tensors
 
     model.zero_grad(set_to_none=True)
-    allowed = dense_mask(batch)
-    dtype = next(model.parameters()).dtype
-    additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=additive).logits
+    logits = reference_forward(model, batch.input_ids, batch.position_ids, dense_mask(batch))
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.labels[..., None])[..., 0]
     weights = batch.loss_weights
     loss = -(logp * weights).sum() / (weights != 0).sum()
     loss.backward()
-    return logits.detach().float(), loss.item(), hf_named_tensors(model, grads=True)
+    return logits.detach().float(), loss.item(), reference_named_tensors(model, grads=True)
 
 
 @dataclass
@@ -121,7 +118,7 @@ def run_parity(hf_dir: str, layout, mask_kind: str = "block", batch_size: int = 
     from dare_mega.checkpoint.hf_loader import megatron_tensors, shard_group, unwrap
     from dare_mega.models.builder import build_from_hf, mapping_for
     from dare_mega.models.runner import Runner, wrap_for_training
-    from dare_mega.models.sdar.hf_reference import hf_reference_model
+    from dare_mega.models.reference import reference_model
     from dare_mega.models.transformer_config import RuntimeOptions
     from dare_mega.models.weight_mapping import LayoutContext
     from dare_mega.parallel.layout import init_model_parallel
@@ -139,7 +136,7 @@ def run_parity(hf_dir: str, layout, mask_kind: str = "block", batch_size: int = 
 
     rank = dist.get_rank()
     need_reference = grads or rank == 0
-    reference = hf_reference_model(hf_dir) if need_reference else None
+    reference = reference_model(hf_dir) if need_reference else None
     result = ParityResult(layout.describe(), mask_kind, dist.get_world_size(), float("nan"))
     if need_reference:
         ref_logits, ref_loss, ref_grads = reference_loss_and_grads(reference, batch)

@@ -34,18 +34,6 @@ def hf_reference_model(directory: str, dtype: torch.dtype = torch.float32, attn_
     return model.eval()
 
 
-def hf_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Logits of the reference model under an explicit boolean mask [b, 1, s, s] (True = may attend).
-
-    transformers takes a 4-D mask as given and its eager attention ADDS it to the scores, so the boolean mask
-    becomes an additive one (0 where allowed, the dtype's minimum elsewhere).
-    """
-    dtype = next(model.parameters()).dtype
-    additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed.bool(), torch.finfo(dtype).min)
-    with torch.no_grad():
-        return model(input_ids=input_ids, position_ids=position_ids, attention_mask=additive).logits
-
-
 def hf_named_tensors(model, grads: bool = False) -> dict[str, torch.Tensor]:
     """The reference's parameters (or their gradients) under the checkpoint's tensor names.
 

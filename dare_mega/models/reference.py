@@ -1,0 +1,37 @@
+"""The single-process HF reference of any family, behind one interface (parity checks, tools, tests)."""
+
+from __future__ import annotations
+
+import torch
+
+from dare_mega.models.builder import read_hf_config
+from dare_mega.models.family import family_for
+
+
+def reference_model(directory: str):
+    cfg, source = read_hf_config(directory)
+    family = family_for((cfg.get("architectures") or [None])[0], source)
+    model = family.reference(directory)
+    model.dare_family = family
+    return model
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean [b, 1, s, s] (True = may attend) -> additive (0 / dtype minimum), as HF models take it."""
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed.bool(), torch.finfo(dtype).min)
+
+
+def reference_forward(model, input_ids, position_ids, allowed) -> torch.Tensor:
+    """Float32 logits under an explicit boolean mask (gradients flow; wrap in no_grad to skip them)."""
+    dtype = next(model.parameters()).dtype
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=additive_mask(allowed, dtype))
+    return out.logits.float()
+
+
+def reference_logits(model, input_ids, position_ids, allowed) -> torch.Tensor:
+    with torch.no_grad():
+        return reference_forward(model, input_ids, position_ids, allowed)
+
+
+def reference_named_tensors(model, grads: bool = False) -> dict[str, torch.Tensor]:
+    return model.dare_family.reference_named_tensors(model, grads)
