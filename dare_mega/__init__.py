@@ -13,5 +13,8 @@ for _message in (
     r".*Disabling sequence parallel.*",  # expert layers at ETP=1 under SP: expected
     r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
     r".*torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*",
+    # Megatron's torch_dist format is built on DCP's ShardedTensor and load_state_dict
+    r".*Please use DTensor instead and we are deprecating ShardedTensor.*",
+    r".*`load_state_dict` is deprecated and will be removed.*",
 ):
     warnings.filterwarnings("ignore", message=_message)

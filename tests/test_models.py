@@ -126,7 +126,9 @@ def test_vocab_rows_pad_and_strip():
     full = row.to_megatron([emb], ctx)
     assert full.shape == (8, 3) and torch.equal(full[5:], torch.zeros(3, 3))
     assert torch.equal(row.to_hf(full, ctx)[0], emb)
-    assert padded_vocab_size(151936, 2) == 152064 and padded_vocab_size(151936, 1) == 151936
+    # one padded size for every tp <= 8, so that torch_dist checkpoints reshard across TP
+    assert {padded_vocab_size(151936, tp) for tp in (1, 2, 4, 8)} == {152576}
+    assert padded_vocab_size(157184, 1) == 157696 and padded_vocab_size(1000, 16) == 2048
 
 
 def test_whole_model_round_trip_through_the_table():

@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-from dare_mega.checkpoint.safetensors_io import write_hf_checkpoint
+from dare_mega.checkpoint.safetensors_io import LazyTensors, write_hf_checkpoint
 from dare_mega.models.builder import args_from_config, mapping_for
 from dare_mega.models.family import family_for
 from dare_mega.models.presets import load_preset
@@ -72,16 +72,29 @@ def save_tiny_tokenizer(directory: str, family: str = "sdar") -> None:
     fast.save_pretrained(directory)
 
 
-def make_tiny_checkpoint(out_dir: str, preset: str = "tiny-sdar", seed: int = 0,
+def make_tiny_checkpoint(out_dir: str, preset: str | dict = "tiny-sdar", seed: int = 0,
                          max_shard_bytes: int = 2**20, dtype: torch.dtype = torch.float32) -> str:
-    """Write a random checkpoint of `preset` to `out_dir` (sharded with an index when large enough)."""
-    cfg = load_preset(preset)
-    args = args_from_config(cfg, preset)
+    """Write a random checkpoint of `preset` (a preset name or an HF config dict) to `out_dir`.
+
+    Sharded with an index when larger than max_shard_bytes; tensors are generated one at a time while they
+    are written, so checkpoints larger than memory can be made (benchmarks/convert.py).
+    """
+    cfg = load_preset(preset) if isinstance(preset, str) else dict(preset)
+    if dtype != torch.float32:
+        cfg = {**cfg, "torch_dtype": str(dtype).replace("torch.", "")}
+        cfg.pop("dtype", None)
+    args = args_from_config(cfg, preset if isinstance(preset, str) else "config")
     table = mapping_for(args)
     generator = torch.Generator().manual_seed(seed)
-    tensors = {
-        name: _init_tensor(name, shape, generator).to(dtype) for name, shape in sorted(table.expected_hf().items())
-    }
+    shapes = dict(sorted(table.expected_hf().items()))
+
+    def dtype_of(name):  # as published: weights in `dtype`, the router's expert_bias in float32
+        return torch.float32 if name.endswith("expert_bias") else dtype
+
+    tensors = LazyTensors(
+        [(name, dtype_of(name), shape) for name, shape in shapes.items()],
+        lambda name: _init_tensor(name, shapes[name], generator).to(dtype_of(name)),
+    )
     family = family_for(args.architecture).name
     with tempfile.TemporaryDirectory() as tok_dir:
         save_tiny_tokenizer(tok_dir, family)

@@ -111,8 +111,12 @@ class ParityResult:
 
 def run_parity(hf_dir: str, layout, mask_kind: str = "block", batch_size: int = 4, seq_len: int = 16,
                micro_batch_size: int = 1, grads: bool = True, seed: int = 0, options=None,
-               token_range: int | None = None):
-    """Under an initialised world: build, load, compare. Returns (ParityResult, batch, megatron logits)."""
+               token_range: int | None = None, mcore_dir: str | None = None):
+    """Under an initialised world: build, load, compare. Returns (ParityResult, batch, megatron logits).
+
+    The Megatron side loads `hf_dir`, or the torch_dist checkpoint `mcore_dir` when given; the reference
+    always reads `hf_dir` (that is how a conversion is verified, in either direction).
+    """
     from megatron.core import parallel_state as ps
 
     from dare_mega.checkpoint.hf_loader import megatron_tensors, shard_group, unwrap
@@ -125,7 +129,10 @@ def run_parity(hf_dir: str, layout, mask_kind: str = "block", batch_size: int = 
 
     start = time.time()
     init_model_parallel(layout, seed=seed)
-    chunks, args = build_from_hf(hf_dir, layout, options or RuntimeOptions())
+    if mcore_dir is None:
+        chunks, args = build_from_hf(hf_dir, layout, options or RuntimeOptions())
+    else:
+        chunks, args = _build_from_torch_dist(mcore_dir, hf_dir, layout, options or RuntimeOptions())
     if grads:
         chunks = wrap_for_training(chunks)
     runner = Runner(chunks, args)
@@ -177,3 +184,21 @@ def run_parity(hf_dir: str, layout, mask_kind: str = "block", batch_size: int = 
     result.max_abs_logit_diff, result.max_abs_logprob_diff = summary.tolist()
     result.seconds = time.time() - start
     return result, batch, logits
+
+
+def _build_from_torch_dist(mcore_dir: str, hf_dir: str, layout, options):
+    from dataclasses import replace
+
+    from dare_mega.checkpoint.torch_dist import args_of, load_into
+    from dare_mega.errors import CheckpointError
+    from dare_mega.models.builder import build_model, load_model_args
+    from dare_mega.models.transformer_config import check_layout
+
+    args = args_of(mcore_dir)
+    reference_args = load_model_args(hf_dir)
+    if replace(args, extra={}) != replace(reference_args, extra={}):
+        raise CheckpointError(f"{mcore_dir} and {hf_dir} describe different models; nothing to compare")
+    check_layout(args, layout, mcore_dir)
+    chunks = build_model(args, layout, replace(options, init_weights=False), mcore_dir)
+    load_into(chunks, mcore_dir)
+    return chunks, args

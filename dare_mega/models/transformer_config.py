@@ -26,6 +26,7 @@ class RuntimeOptions:
     # None: no load-balancing loss (the parity default; SDAR's HF training leaves it off, output_router_logits
     # false). The HF config's router_aux_loss_coef is kept in MoEArgs.aux_loss_coef for recipes that want it.
     moe_aux_loss_coef: float | None = None
+    init_weights: bool = True  # False: skip random init (weights are loaded next, or the model is on meta)
 
 
 def check_layout(args: ModelArgs, layout: ParallelLayout, source: str = "config.json") -> None:
@@ -60,8 +61,13 @@ def check_layout(args: ModelArgs, layout: ParallelLayout, source: str = "config.
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Megatron's padding: the vocabulary rounded up to a multiple of divisible_by * tp."""
-    multiple = divisible_by * tp
+    """The vocabulary rounded up to a multiple of divisible_by * 8 (divisible_by * tp beyond tp = 8).
+
+    Megatron pads to divisible_by * tp, which makes the embedding's global shape depend on TP, so a
+    torch_dist checkpoint saved at one TP would not load at another. Padding for tp = 8 serves every
+    tp <= 8 (attention TP cannot exceed the KV heads: 4 or 8 for the models here) with one shape.
+    """
+    multiple = divisible_by * max(8, tp) if tp <= 8 else divisible_by * tp
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
@@ -120,7 +126,7 @@ def transformer_config(args: ModelArgs, layout: ParallelLayout, options: Runtime
         expert_tensor_parallel_size=layout.etp,
         sequence_parallel=layout.sp,
         use_cpu_initialization=not on_gpu,
-        perform_initialization=True,
+        perform_initialization=options.init_weights,
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=on_gpu,
