@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import run_json_worker, torchrun
+
 from dare_mega.errors import CheckpointError, ConfigError
 
 PUBLISHED_INDEX = {"sdar": "SDAR-4B-Chat", "sdar_moe": "SDAR-30B-A3B-Chat", "llada2_moe": "LLaDA2.0-mini"}

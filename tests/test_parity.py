@@ -7,7 +7,6 @@ reference on the same batch, so loss and gradients are also equal across layouts
 """
 
 import pytest
-
 from conftest import run_worker
 
 TOL = 1e-5

@@ -80,3 +80,40 @@ def require(hf_config: dict, key: str, source: str, kind=int):
     if kind in (int, float) and value <= 0 and key not in ("first_k_dense_replace",):
         raise ConfigError(f"{source}: {key}={value!r} must be positive")
     return value
+
+
+def read_attention(cfg: dict, source: str) -> dict:
+    """The transformer sizes every family shares, checked: ModelArgs keyword arguments."""
+    num_layers = require(cfg, "num_hidden_layers", source)
+    hidden = require(cfg, "hidden_size", source)
+    heads = require(cfg, "num_attention_heads", source)
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise ConfigError(f"{source}: num_attention_heads={heads} is not divisible by num_key_value_heads={kv_heads}")
+    return dict(
+        num_layers=num_layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=cfg.get("head_dim") or hidden // heads,
+        ffn_hidden_size=require(cfg, "intermediate_size", source),
+        vocab_size=require(cfg, "vocab_size", source),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+def read_mask_token(cfg: dict, source: str, override: int | None, default: int, vocab: int) -> int:
+    mask = override if override is not None else cfg.get("mask_token_id", default)
+    if not 0 <= mask < vocab:
+        raise ConfigError(f"{source}: mask_token_id={mask} is outside the vocabulary (vocab_size={vocab})")
+    return mask
+
+
+def read_eos_ids(cfg: dict) -> tuple[int, ...]:
+    """generation_config.json's stop ids (merged in by load_model_args) first, then config.json's."""
+    ids: tuple = ()
+    for eos in (cfg.get("generation_eos_token_id"), cfg.get("eos_token_id")):
+        ids += tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    return tuple(dict.fromkeys(ids))

@@ -17,7 +17,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from dare_mega.diffusion.masks import BlockDiffusionMask, TokenGroups
+from dare_mega.diffusion.masks import BlockDiffusionMask
 from dare_mega.errors import ConfigError
 from dare_mega.models.args import ModelArgs
 

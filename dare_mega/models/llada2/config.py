@@ -9,7 +9,15 @@ renormalised and scaled by `routed_scaling_factor`, and one always-on shared exp
 from __future__ import annotations
 
 from dare_mega.errors import ConfigError
-from dare_mega.models.args import DiffusionArgs, ModelArgs, MoEArgs, require
+from dare_mega.models.args import (
+    DiffusionArgs,
+    ModelArgs,
+    MoEArgs,
+    read_attention,
+    read_eos_ids,
+    read_mask_token,
+    require,
+)
 
 ARCH = "LLaDA2MoeModelLM"
 MASK_TOKEN_ID = 156895
@@ -40,13 +48,8 @@ def args_from_hf(cfg: dict, source: str = "config.json", mask_token_id: int | No
     if not archs or archs[0] != ARCH:
         raise ConfigError(f"{source}: architecture {archs[0] if archs else None!r} is not {ARCH!r}")
     _check_supported(cfg, source)
-    num_layers = require(cfg, "num_hidden_layers", source)
-    hidden = require(cfg, "hidden_size", source)
-    heads = require(cfg, "num_attention_heads", source)
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or hidden // heads
-    if heads % kv_heads:
-        raise ConfigError(f"{source}: num_attention_heads={heads} is not divisible by num_key_value_heads={kv_heads}")
+    sizes = read_attention(cfg, source)
+    num_layers, vocab, head_dim = sizes["num_layers"], sizes["vocab_size"], sizes["head_dim"]
     num_experts = require(cfg, "num_experts", source)
     topk = require(cfg, "num_experts_per_tok", source)
     n_group = cfg.get("n_group") or 1
@@ -73,13 +76,8 @@ def args_from_hf(cfg: dict, source: str = "config.json", mask_token_id: int | No
             f"{source}: rotary_dim={rotary_dim} disagrees with head_dim*partial_rotary_factor="
             f"{head_dim}*{rotary_factor}"
         )
-    vocab = require(cfg, "vocab_size", source)
-    mask = mask_token_id if mask_token_id is not None else cfg.get("mask_token_id", MASK_TOKEN_ID)
-    if not 0 <= mask < vocab:
-        raise ConfigError(f"{source}: mask_token_id={mask} is outside the vocabulary (vocab_size={vocab})")
-    eos_ids: tuple = ()
-    for eos in (cfg.get("generation_eos_token_id"), cfg.get("eos_token_id")):
-        eos_ids += tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    mask = read_mask_token(cfg, source, mask_token_id, MASK_TOKEN_ID, vocab)
+    eos_ids = read_eos_ids(cfg)
     pad = cfg.get("pad_token_id")
     if pad is None:
         pad = EOS_TOKEN_ID if vocab > EOS_TOKEN_ID else (eos_ids[0] if eos_ids else None)
@@ -88,19 +86,10 @@ def args_from_hf(cfg: dict, source: str = "config.json", mask_token_id: int | No
     return ModelArgs(
         family="llada2_moe",
         architecture=ARCH,
-        num_layers=num_layers,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        ffn_hidden_size=require(cfg, "intermediate_size", source),
-        vocab_size=vocab,
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        **sizes,
         rope_theta=float(cfg.get("rope_theta", 600000)),
         rotary_percent=rotary_factor,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
         qk_norm=True,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         moe=MoEArgs(
             num_experts=num_experts,
             topk=topk,
@@ -119,7 +108,7 @@ def args_from_hf(cfg: dict, source: str = "config.json", mask_token_id: int | No
             block_size=block_size or cfg.get("block_size") or BLOCK_SIZE,
             shifted_logits=False,
             pad_token_id=pad,
-            eos_token_ids=tuple(dict.fromkeys(eos_ids)),
+            eos_token_ids=eos_ids,
         ),
         extra={"hf_padding_idx": cfg.get("pad_token_id")},
     )

@@ -7,7 +7,15 @@ lacks `block_size` and `mask_token_id`, so the family defaults (block 4, mask id
 from __future__ import annotations
 
 from dare_mega.errors import ConfigError
-from dare_mega.models.args import DiffusionArgs, ModelArgs, MoEArgs, require
+from dare_mega.models.args import (
+    DiffusionArgs,
+    ModelArgs,
+    MoEArgs,
+    read_attention,
+    read_eos_ids,
+    read_mask_token,
+    require,
+)
 
 DENSE_ARCH = "SDARForCausalLM"
 MOE_ARCH = "SDARMoeForCausalLM"
@@ -48,15 +56,8 @@ def args_from_hf(cfg: dict, source: str = "config.json", mask_token_id: int | No
     if arch not in (DENSE_ARCH, MOE_ARCH):
         raise ConfigError(f"{source}: architecture {arch!r} is not an SDAR architecture")
     _check_supported(cfg, source)
-    num_layers = require(cfg, "num_hidden_layers", source)
-    hidden = require(cfg, "hidden_size", source)
-    heads = require(cfg, "num_attention_heads", source)
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or hidden // heads
-    if heads % kv_heads:
-        raise ConfigError(
-            f"{source}: num_attention_heads={heads} is not divisible by num_key_value_heads={kv_heads}"
-        )
+    sizes = read_attention(cfg, source)
+    num_layers, vocab = sizes["num_layers"], sizes["vocab_size"]
     moe = None
     if arch == MOE_ARCH:
         num_experts = require(cfg, "num_experts", source)
@@ -73,34 +74,18 @@ def args_from_hf(cfg: dict, source: str = "config.json", mask_token_id: int | No
             aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0) or 0.0),
         )
     block = block_size or cfg.get("block_size") or BLOCK_SIZE
-    mask = mask_token_id if mask_token_id is not None else cfg.get("mask_token_id", MASK_TOKEN_ID)
-    vocab = require(cfg, "vocab_size", source)
-    if not 0 <= mask < vocab:
-        raise ConfigError(f"{source}: mask_token_id={mask} is outside the vocabulary (vocab_size={vocab})")
-    # generation_config.json's list (e.g. [<|im_end|>, <|endoftext|>]) first, then config.json's id
-    eos_ids: tuple = ()
-    for eos in (cfg.get("generation_eos_token_id"), cfg.get("eos_token_id")):
-        eos_ids += tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-    first_eos = eos_ids[0] if eos_ids else None
+    mask = read_mask_token(cfg, source, mask_token_id, MASK_TOKEN_ID, vocab)
+    eos_ids = read_eos_ids(cfg)
     pad = cfg.get("pad_token_id")
     if pad is None:  # SDAR pads with <|endoftext|> (151643), which is also config.json's eos_token_id
-        pad = PAD_TOKEN_ID if vocab > PAD_TOKEN_ID else cfg.get("eos_token_id", first_eos)
+        pad = PAD_TOKEN_ID if vocab > PAD_TOKEN_ID else cfg.get("eos_token_id", eos_ids[0] if eos_ids else None)
         pad = pad[-1] if isinstance(pad, list) else pad
     return ModelArgs(
         family="sdar_moe" if moe else "sdar",
         architecture=arch,
-        num_layers=num_layers,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        ffn_hidden_size=require(cfg, "intermediate_size", source),
-        vocab_size=vocab,
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        **sizes,
         rope_theta=float(cfg.get("rope_theta", 1e6)),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
         qk_norm=True,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         moe=moe,
         diffusion=DiffusionArgs(
             mask_token_id=mask,
