@@ -30,6 +30,8 @@ def bf16_llada2(tmp_path_factory):
 def test_round_trips_and_resharding(tiny_dir, bf16_llada2, tmp_path, reference_configs):
     cases = [
         {"name": "sdar", "hf": tiny_dir["sdar"], "save": {"tp": 2}, "load": [{"pp": 2}]},
+        {"name": "sdar-pp", "hf": tiny_dir["sdar"], "save": {"pp": 2}, "load": []},
+        {"name": "sdar-moe-pp", "hf": tiny_dir["sdar_moe"], "save": {"pp": 2}, "load": []},
         {"name": "sdar-moe", "hf": tiny_dir["sdar_moe"], "save": {"tp": 2, "ep": 2},
          "load": [{"pp": 2}, {"ep": 4}]},
         {"name": "llada2-moe", "hf": tiny_dir["llada2_moe"], "save": {"tp": 2, "ep": 2},
@@ -40,8 +42,8 @@ def test_round_trips_and_resharding(tiny_dir, bf16_llada2, tmp_path, reference_c
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"root": str(tmp_path), "cases": cases}))
     results = run_json_worker(4, ["tests/workers/convert_worker.py", str(spec)], tmp_path / "out.json")
-    families = {"sdar": "sdar", "sdar-moe": "sdar_moe", "llada2-moe": "llada2_moe", "llada2-pp": "llada2_moe",
-                "llada2-bf16": "llada2_moe"}
+    families = {"sdar": "sdar", "sdar-pp": "sdar", "sdar-moe": "sdar_moe", "sdar-moe-pp": "sdar_moe",
+                "llada2-moe": "llada2_moe", "llada2-pp": "llada2_moe", "llada2-bf16": "llada2_moe"}
     for r in results:
         assert r["names_equal"], f"{r['name']}: exported names differ from the source"
         assert r["bit_exact"], f"{r['name']} (saved at {r['saved_at']}): not bit-exact: {r['mismatched']}"

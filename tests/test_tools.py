@@ -44,6 +44,26 @@ def test_make_tiny_model_writes_the_published_layout(tmp_path):
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
 
 
+def test_make_tiny_llada2_in_bfloat16(tmp_path):
+    out = tmp_path / "tiny-llada2"
+    proc = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--family", "llada2_moe", "--out", str(out),
+                           "--dtype", "bfloat16"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoTokenizer
+
+    from dare_mega.checkpoint.safetensors_io import CheckpointReader
+    from dare_mega.models.builder import load_model_args
+
+    reader = CheckpointReader(str(out))
+    assert reader.dtype("model.layers.1.mlp.gate.expert_bias") == torch.float32  # as published
+    assert reader.dtype("model.layers.1.attention.query_key_value.weight") == torch.bfloat16
+    args = load_model_args(str(out))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.mask_token_id == args.diffusion.mask_token_id == 259 and tok.eos_token_id == 256
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert chat.endswith("<role>HUMAN</role>hi<|role_end|><role>ASSISTANT</role>")
+
+
 @pytest.mark.distributed
 def test_check_logits_prints_and_saves(tiny_dir, tmp_path):
     save = tmp_path / "logits.pt"
