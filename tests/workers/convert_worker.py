@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+from _common import finish
+
 
 def main():
     import torch
@@ -20,7 +22,7 @@ def main():
     from dare_mega.models.parity import parity_batch
     from dare_mega.models.runner import Runner
     from dare_mega.models.transformer_config import RuntimeOptions
-    from dare_mega.parallel import ParallelLayout, destroy_distributed, init_distributed, init_model_parallel
+    from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
 
     env = init_distributed()
     spec = json.load(open(sys.argv[1]))
@@ -57,10 +59,7 @@ def main():
             record["loads"].append({"layout": load_layout.describe(),
                                     "max_abs_logit_diff": (from_mcore - from_hf).abs().max().item()})
         results.append(record)
-    if env.is_main:
-        with open(sys.argv[2], "w") as f:
-            json.dump(results, f, indent=2)
-    destroy_distributed()
+    finish(env, sys.argv[2], results)
 
 
 if __name__ == "__main__":

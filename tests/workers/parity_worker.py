@@ -7,11 +7,13 @@ Each case: {"hf": dir, "layout": {...ParallelLayout fields}, "mask": kind, "micr
 import json
 import sys
 
+from _common import finish
+
 
 def main():
     from dare_mega.models.parity import run_parity
     from dare_mega.models.transformer_config import RuntimeOptions
-    from dare_mega.parallel import ParallelLayout, destroy_distributed, init_distributed
+    from dare_mega.parallel import ParallelLayout, init_distributed
 
     env = init_distributed()
     cases = json.load(open(sys.argv[1]))
@@ -24,10 +26,7 @@ def main():
             grads=case.get("grads", True), options=RuntimeOptions(attention_backend=case.get("attention", "auto")),
         )
         results.append({**case, **result.to_dict(), "logits_sum": float(logits.double().sum())})
-    if env.is_main:
-        with open(sys.argv[2], "w") as f:
-            json.dump(results, f, indent=2)
-    destroy_distributed()
+    finish(env, sys.argv[2], results)
 
 
 if __name__ == "__main__":

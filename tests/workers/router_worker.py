@@ -9,6 +9,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from _common import finish
 
 
 def main():
@@ -18,7 +19,7 @@ def main():
     from dare_mega.models.parity import dense_mask, parity_batch
     from dare_mega.models.reference import reference_logits, reference_model
     from dare_mega.models.runner import Runner
-    from dare_mega.parallel import ParallelLayout, destroy_distributed, init_distributed, init_model_parallel
+    from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
 
     env = init_distributed()
     hf_dir, layout_spec = sys.argv[1], json.loads(sys.argv[2])
@@ -66,10 +67,7 @@ def main():
         plain = torch.sigmoid(torch.nn.functional.linear(x, gate.weight)).topk(gate.topk, dim=-1).indices
         chosen, _ = gate(x)
     report["bias_or_groups_change_choice"] = not torch.equal(plain.sort(-1).values, chosen.sort(-1).values)
-    if env.is_main:
-        with open(sys.argv[3], "w") as f:
-            json.dump(report, f, indent=2)
-    destroy_distributed()
+    finish(env, sys.argv[3], report)
 
 
 if __name__ == "__main__":
