@@ -1,0 +1,229 @@
+"""The rollout engine's model: one plain-PyTorch forward for every family, with a block KV cache.
+
+Why not the Megatron model at TP=1: the engine must load weights by HF name (what the trainer's weight sync
+and SGLang speak), run without process groups in any process, and keep a per-request KV cache; Megatron's
+inference context is built for autoregressive decoding. Why not each family's HF code: SDAR and LLaDA2
+differ only in a few switches (ModelArgs), and one forward keeps the cached and uncached paths identical.
+
+The weights are held in Megatron's layout, the *full* tensors of the family's mapping table (linear_qkv
+grouped per query group, fc1 as [gate ; up], experts stacked [E, ...]), so loading uses the same table as
+the trainer (`row.to_megatron`), and the arithmetic is the Megatron model's: the same numbers in float32.
+
+A forward takes tokens [B, T] at explicit positions, attends to the cached keys of each row (positions
+below that row's cache length) plus, among the new tokens, what `new_mask` [B, T, T] allows, and can write
+the new keys and values into the cache at their positions (prefill and the commit pass of a finished block).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dare_mega.models.args import ModelArgs
+from dare_mega.models.weight_mapping import LayoutContext, MappingTable
+
+_EXPERT = "decoder.layers.{layer}.mlp.experts.local_experts.{expert}.linear_fc{n}.weight"
+
+
+@dataclass
+class KVCache:
+    """Keys and values per layer, [B, groups, max_len, head_dim], indexed by position; `lengths` [B]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    lengths: torch.Tensor
+
+    @classmethod
+    def empty(cls, args: ModelArgs, batch: int, max_len: int, dtype, device) -> "KVCache":
+        shape = (batch, args.num_kv_heads, max_len, args.head_dim)
+        return cls(
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_layers)],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_layers)],
+            torch.zeros(batch, dtype=torch.long, device=device),
+        )
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """Keep only these rows (finished requests leave the batch)."""
+        return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.lengths[rows])
+
+
+class InferenceModel(torch.nn.Module):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.float32, device="cpu"):
+        super().__init__()
+        self.args = args
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.weights: dict[str, torch.Tensor] = {}
+        rot = int(args.head_dim * args.rotary_percent)
+        self.rotary_dim = rot
+        self.inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32, device=self.device) / rot)
+
+    # ---- weights ---------------------------------------------------------------------------------------
+    def set_full(self, name: str, full: torch.Tensor) -> None:
+        """Store a full Megatron tensor under its canonical name; experts go into their layer's stack."""
+        full = full.to(self.device, torch.float32 if name.endswith("expert_bias") else self.dtype)
+        if ".local_experts." in name:
+            prefix, rest = name.split(".mlp.experts.local_experts.")
+            expert, tail = rest.split(".", 1)
+            key = f"{prefix}.mlp.experts.{tail}"
+            stack = self.weights.get(key)
+            if stack is None or stack.shape[1:] != full.shape:
+                stack = torch.zeros((self.args.moe.num_experts,) + tuple(full.shape), dtype=full.dtype,
+                                    device=self.device)
+                self.weights[key] = stack
+            stack[int(expert)] = full
+        else:
+            self.weights[name] = full
+
+    def load_from_reader(self, table: MappingTable, reader) -> int:
+        """All tensors from an HF CheckpointReader, through the mapping table."""
+        ctx = LayoutContext.of(self.args)
+        count = 0
+        for binding in table.bindings():
+            self.set_full(binding.megatron_name, binding.row.to_megatron([reader.get(n) for n in binding.hf_names], ctx))
+            count += 1
+        return count
+
+    def missing(self, table: MappingTable) -> list[str]:
+        names = set()
+        for binding in table.bindings():
+            name = binding.megatron_name
+            if ".local_experts." in name:
+                prefix, rest = name.split(".mlp.experts.local_experts.")
+                name = f"{prefix}.mlp.experts.{rest.split('.', 1)[1]}"
+            names.add(name)
+        return sorted(names - set(self.weights))
+
+    def w(self, name: str) -> torch.Tensor:
+        return self.weights[name]
+
+    # ---- arithmetic ------------------------------------------------------------------------------------
+    @staticmethod
+    def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x32.to(dtype)
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, T, heads, d]; rotate-half on the first rotary_dim dims."""
+        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, rot/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
+        half = self.rotary_dim // 2
+        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+    def _attention(self, layer: int, x, positions, cache: KVCache | None, new_mask, store: bool):
+        a = self.args
+        L = f"decoder.layers.{layer}"
+        b, t, _ = x.shape
+        groups, per_group, d = a.num_kv_heads, a.num_attention_heads // a.num_kv_heads, a.head_dim
+        qkv = (x @ self.w(f"{L}.self_attention.linear_qkv.weight").T).view(b, t, groups, (per_group + 2) * d)
+        q, k, v = torch.split(qkv, [per_group * d, d, d], dim=-1)
+        q = q.reshape(b, t, groups * per_group, d)
+        if a.qk_norm:
+            q = self._rms(q, self.w(f"{L}.self_attention.q_layernorm.weight"), a.norm_eps)
+            k = self._rms(k, self.w(f"{L}.self_attention.k_layernorm.weight"), a.norm_eps)
+        q, k = self._rope(q, positions), self._rope(k, positions)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
+        if cache is not None:
+            span = int(cache.lengths.max().item()) if cache.lengths.numel() else 0
+            cached = torch.arange(span, device=x.device)[None, :] < cache.lengths[:, None]  # [B, span]
+            keys = torch.cat([cache.keys[layer][:, :, :span], k], dim=2)
+            values = torch.cat([cache.values[layer][:, :, :span], v], dim=2)
+            allowed = torch.cat([cached[:, None, :].expand(b, t, span), new_mask], dim=2)
+            writers = store if isinstance(store, torch.Tensor) else torch.full((b,), bool(store), device=x.device)
+            if writers.any():
+                rows = torch.nonzero(writers)[:, 0]
+                cache.keys[layer][rows[:, None], :, positions[rows]] = k.transpose(1, 2)[rows]
+                cache.values[layer][rows[:, None], :, positions[rows]] = v.transpose(1, 2)[rows]
+        else:
+            keys, values, allowed = k, v, new_mask
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[:, None], enable_gqa=per_group > 1,
+                                             scale=d**-0.5)
+        out = out.transpose(1, 2).reshape(b, t, -1)
+        return out @ self.w(f"{L}.self_attention.linear_proj.weight").T
+
+    @staticmethod
+    def _swiglu(x, fc1, fc2):
+        gate, up = (x @ fc1.T).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ fc2.T
+
+    def _route(self, layer: int, x: torch.Tensor):
+        """(chosen experts [N, k], their weights [N, k]) as Megatron's router computes them."""
+        moe = self.args.moe
+        L = f"decoder.layers.{layer}.mlp.router"
+        logits = x.float() @ self.w(f"{L}.weight").float().T
+        if moe.score_function == "softmax":
+            if moe.norm_topk_prob:  # top-k on the logits, softmax over the k
+                top, chosen = logits.topk(moe.topk, dim=-1)
+                weights = torch.softmax(top, dim=-1)
+            else:
+                weights, chosen = torch.softmax(logits, dim=-1).topk(moe.topk, dim=-1)
+        else:
+            scores = torch.sigmoid(logits)
+            routing = scores + self.w(f"{L}.expert_bias") if moe.expert_bias else scores
+            if moe.num_groups:
+                n = moe.num_experts // moe.num_groups
+                group_scores = routing.view(-1, moe.num_groups, n).topk(moe.topk // moe.group_topk, dim=-1)[0].sum(-1)
+                keep = torch.zeros_like(group_scores).scatter(1, group_scores.topk(moe.group_topk, dim=-1)[1], 1.0)
+                routing = routing.masked_fill(~keep.repeat_interleave(n, dim=1).bool(), float("-inf"))
+            chosen = routing.topk(moe.topk, dim=-1)[1]
+            weights = scores.gather(1, chosen)
+            if moe.topk > 1:
+                weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        if moe.scaling_factor:
+            weights = weights * moe.scaling_factor
+        return chosen, weights
+
+    def _moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        L = f"decoder.layers.{layer}.mlp"
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        chosen, weights = self._route(layer, flat)
+        fc1, fc2 = self.w(f"{L}.experts.linear_fc1.weight"), self.w(f"{L}.experts.linear_fc2.weight")
+        out = torch.zeros_like(flat, dtype=torch.float32)
+        order = chosen.reshape(-1).argsort()
+        token = torch.arange(flat.shape[0], device=x.device).repeat_interleave(chosen.shape[1])[order]
+        weight = weights.reshape(-1)[order]
+        counts = torch.bincount(chosen.reshape(-1), minlength=fc1.shape[0]).tolist()
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                rows = token[start : start + count]
+                y = self._swiglu(flat[rows], fc1[expert], fc2[expert])
+                out.index_add_(0, rows, y.float() * weight[start : start + count, None])
+                start += count
+        out = out.to(x.dtype)
+        if self.args.moe.shared_expert_ffn_hidden_size:
+            out = out + self._swiglu(flat, self.w(f"{L}.shared_experts.linear_fc1.weight"),
+                                     self.w(f"{L}.shared_experts.linear_fc2.weight"))
+        return out.view(shape)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, new_mask: torch.Tensor,
+                cache: KVCache | None = None, store=False, logits: bool = True):
+        """tokens, positions [B, T]; new_mask [B, T, T] (True = may attend) among the new tokens.
+
+        With a cache, every new token also sees its row's cached positions; `store` (a bool, or a bool [B]
+        per row) writes the new keys and values at their positions (the caller then advances
+        `cache.lengths`). Returns float32 logits [B, T, vocab], or None when `logits` is False."""
+        a = self.args
+        x = self.w("embedding.word_embeddings.weight")[tokens]
+        for layer in range(a.num_layers):
+            L = f"decoder.layers.{layer}"
+            h = self._rms(x, self.w(f"{L}.input_layernorm.weight"), a.norm_eps)
+            x = x + self._attention(layer, h, positions, cache, new_mask, store)
+            h = self._rms(x, self.w(f"{L}.pre_mlp_layernorm.weight"), a.norm_eps)
+            if a.layer_is_moe(layer):
+                x = x + self._moe(layer, h)
+            else:
+                x = x + self._swiglu(h, self.w(f"{L}.mlp.linear_fc1.weight"), self.w(f"{L}.mlp.linear_fc2.weight"))
+        if not logits:
+            return None
+        x = self._rms(x, self.w("decoder.final_layernorm.weight"), a.norm_eps)
+        return (x @ self.w("output_layer.weight").T).float()

@@ -1,0 +1,78 @@
+"""The records that cross the rollout boundary: sampling parameters in, completions with trajectories out."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from dare_mega.errors import ConfigError
+
+POLICIES = ("low_confidence_static", "low_confidence_dynamic", "entropy_bounded")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to decode. `steps` caps the denoising forwards per block (default: the block size)."""
+
+    max_new_tokens: int = 256
+    policy: str = "low_confidence_dynamic"
+    steps: int | None = None
+    threshold: float = 0.9  # low_confidence_dynamic: reveal every masked token above this probability
+    entropy_bound: float = 0.35  # entropy_bounded: reveal the lowest-entropy tokens whose entropies sum below it
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = 0  # request i uses seed + i unless `seeds` gives one per request
+    seeds: tuple[int, ...] | None = None
+    block_size: int | None = None  # default: the model family's
+    stop_token_ids: tuple[int, ...] | None = None  # default: the model's EOS ids
+    stop: tuple[str, ...] = ()  # stop strings (need a tokenizer)
+
+    def check(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"sampling: policy={self.policy!r}; expected one of {', '.join(POLICIES)}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"sampling: max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"sampling: steps={self.steps} must be >= 1")
+        if self.block_size is not None and self.block_size < 1:
+            raise ConfigError(f"sampling: block_size={self.block_size} must be >= 1")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"sampling: threshold={self.threshold} must be within [0, 1]")
+        if self.entropy_bound <= 0:
+            raise ConfigError(f"sampling: entropy_bound={self.entropy_bound} must be > 0")
+        if self.temperature < 0:
+            raise ConfigError(f"sampling: temperature={self.temperature} must be >= 0")
+        if self.top_k < 0:
+            raise ConfigError(f"sampling: top_k={self.top_k} must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampling: top_p={self.top_p} must be within (0, 1]")
+
+
+@dataclass
+class Completion:
+    """One finished request.
+
+    completion_ids / logprobs / reveal_steps: the answer, cut after the first stop token (kept) or stop
+    string, or at max_new_tokens; one log-prob and one reveal step (the denoising step, within its block,
+    that unmasked the token) per token. generated_*: everything the blocks decoded, including tokens after
+    the stop inside the last block, which the next steps of that block were conditioned on (what a replay
+    of the trajectory needs). logprobs are log softmax(logits / T) of the sampled token (T = 1 when greedy),
+    without top-k / top-p truncation: the quantity the trainer recomputes.
+    """
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length"
+    logprobs: list[float]
+    reveal_steps: list[int]
+    generated_ids: list[int]
+    generated_logprobs: list[float]
+    generated_reveal_steps: list[int]
+    block_size: int
+    forwards: int  # model forwards this request took part in (prefill, denoising steps, commits)
+    weight_version: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
