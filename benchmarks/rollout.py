@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Rollout speed of the native engine: block KV cache vs none, static vs dynamic unmasking; writes JSON.
+
+    python benchmarks/rollout.py [--train-steps 300] [--new-tokens 256] [--batch 8]
+
+The model is tiny but not trivial (SDAR-MoE layout: 4 layers, hidden 256, 8 experts). Dynamic decoding only
+saves forwards when the model is confident, so the model is first trained briefly (Megatron, TP=1, the
+block-diffusion loss on the two-stream layout) on a synthetic task it can learn: rows repeating a random
+pattern of 2 to 6 tokens. Then 8 prompts (16 tokens of unseen patterns) are decoded for 256 new tokens with
+block 4 and block 32: no cache vs cache (dynamic, threshold 0.9), and static vs dynamic (cache).
+Reported: tokens/s, and forwards per generated token (per request: prefill, denoising steps and commits).
+Result: benchmarks/results/rollout-<device>.json; docs/benchmarks.md keeps the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def model_config() -> dict:
+    from dare_mega.models.presets import load_preset
+
+    cfg = load_preset("tiny-sdar-moe")
+    cfg.update(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512,
+               num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+               vocab_size=512, max_position_embeddings=4096)
+    return cfg
+
+
+def patterns(count: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows that repeat a random pattern of 2 to 6 tokens (ids 10..209): learnable by copying."""
+    rows = []
+    for _ in range(count):
+        period = int(torch.randint(2, 7, (1,), generator=generator))
+        pattern = torch.randint(10, 210, (period,), generator=generator)
+        rows.append(pattern.repeat(length // period + 1)[:length])
+    return torch.stack(rows)
+
+
+def train(hf_dir: str, out_dir: str, steps: int, seq_len: int = 64, batch: int = 16, lr: float = 3e-3) -> dict:
+    """A short block-diffusion training run on Megatron (TP=1); writes the trained HF checkpoint."""
+    from dare_mega.checkpoint.hf_loader import megatron_tensors
+    from dare_mega.checkpoint.safetensors_io import CheckpointReader, write_hf_checkpoint
+    from dare_mega.diffusion.masks import packed_position_ids, two_stream_inputs, two_stream_mask
+    from dare_mega.models.builder import build_from_hf, mapping_for
+    from dare_mega.models.runner import Batch, Runner, wrap_for_training
+    from dare_mega.models.weight_mapping import LayoutContext
+    from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
+
+    init_distributed()
+    init_model_parallel(ParallelLayout())
+    chunks, args = build_from_hf(hf_dir, ParallelLayout())
+    chunks = wrap_for_training(chunks)
+    runner = Runner(chunks, args)
+    params = [p for p in chunks[0].parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    positions = packed_position_ids([[seq_len]] * batch, seq_len)
+    mask = two_stream_mask(positions, args.diffusion.block_size)
+    losses = []
+    start = time.perf_counter()
+    for step in range(steps):
+        clean = patterns(batch, seq_len, g)
+        t = torch.rand(batch, 1, generator=g) * 0.9 + 0.1
+        masked = torch.rand(batch, seq_len, generator=g) < t
+        noisy = torch.where(masked, torch.full_like(clean, args.diffusion.mask_token_id), clean)
+        ids, pos = two_stream_inputs(noisy, clean, positions)
+        weights = torch.cat([masked.float() / t, torch.zeros(batch, seq_len)], dim=1)
+        loss = runner.loss_and_grads(Batch(ids, pos, mask, torch.cat([clean, clean], 1), weights), batch)
+        for p in params:
+            p.grad = p.main_grad.to(p.dtype)
+        optimizer.step()
+        for group in optimizer.param_groups:  # linear decay
+            group["lr"] = lr * (1 - (step + 1) / steps)
+        losses.append(loss)
+    seconds = time.perf_counter() - start
+    table = mapping_for(args)
+    ctx = LayoutContext.of(args, padded_vocab=chunks[0].module.vocab_size)
+    tensors = {}
+    for _, binding, tensor in megatron_tensors(chunks[0], table):
+        tensors.update(zip(binding.hf_names, (t.detach().clone() for t in binding.row.to_hf(tensor.data, ctx))))
+    source = CheckpointReader(hf_dir)
+    skip = ("config.json", "model.safetensors.index.json")
+    extra = {f: open(os.path.join(hf_dir, f), "rb").read() for f in os.listdir(hf_dir)
+             if not f.endswith(".safetensors") and f not in skip}
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    write_hf_checkpoint(out_dir, {n: tensors[n] for n in source.names()}, config=config, extra_files=extra)
+    return {"steps": steps, "seconds": seconds, "first_loss": losses[0], "last_loss": sum(losses[-10:]) / 10}
+
+
+def measure(engine, prompts, params, cache: bool) -> dict:
+    engine.generate(prompts[:1], params, cache=cache)  # warm up
+    start = time.perf_counter()
+    completions = engine.generate(prompts, params, cache=cache)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(c.completion_ids) for c in completions)
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "forwards_per_token": sum(c.forwards for c in completions) / tokens,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--workdir", default="/tmp/dare_mega_bench_rollout")
+    p.add_argument("--model", help="an already trained checkpoint (skips making and training one)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    import shutil
+
+    from dare_mega.checkpoint.tiny import make_tiny_checkpoint
+    from dare_mega.rollout.engine import NativeEngine
+    from dare_mega.rollout.types import SamplingParams
+
+    training = None
+    if args.model:
+        model_dir = args.model
+    else:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+        os.makedirs(args.workdir)
+        random_dir = make_tiny_checkpoint(os.path.join(args.workdir, "random"), preset=model_config(), seed=0,
+                                          max_shard_bytes=1 << 30)
+        trained_dir = os.path.join(args.workdir, "trained")
+        training = train(random_dir, trained_dir, args.train_steps) if args.train_steps else None
+        model_dir = trained_dir if args.train_steps else random_dir
+    engine = NativeEngine.from_pretrained(model_dir, tokenizer=False)
+    prompts = patterns(args.batch, 16, torch.Generator().manual_seed(1234)).tolist()
+    rows = []
+    for block in (4, 32):
+        for policy, cache in (("low_confidence_static", False), ("low_confidence_static", True),
+                              ("low_confidence_dynamic", False), ("low_confidence_dynamic", True)):
+            params = SamplingParams(max_new_tokens=args.new_tokens, policy=policy, threshold=0.9, temperature=0.0,
+                                    block_size=block, stop_token_ids=())
+            rows.append({"block": block, "policy": policy, "cache": cache, **measure(engine, prompts, params, cache)})
+            print(rows[-1], flush=True)
+    def rate(block, policy, cache):
+        return next(r for r in rows if r["block"] == block and r["policy"] == policy and r["cache"] == cache)
+
+    speedup = {f"{policy.split('_')[-1]}_block{b}": rate(b, policy, True)["tokens_per_s"] / rate(b, policy, False)["tokens_per_s"]
+               for b in (4, 32) for policy in ("low_confidence_static", "low_confidence_dynamic")}
+    on_gpu = torch.cuda.is_available()
+    result = {
+        "benchmark": "rollout",
+        "device": torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+        "date": time.strftime("%Y-%m-%d"),
+        "model": "SDAR-MoE layout: 4 layers, hidden 256, 8 experts top-2, vocab 512",
+        "training": training or f"reused {model_dir}",
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+        "rows": rows,
+        "cache_speedup": speedup,
+        "targets": {
+            "cache_at_least_3x": {k: v >= 3.0 for k, v in speedup.items()},
+            "dynamic_under_0.5_forwards_per_token": {
+                f"block{b}": rate(b, "low_confidence_dynamic", True)["forwards_per_token"] < 0.5 for b in (4, 32)},
+        },
+    }
+    out = args.out or os.path.join(REPO, "benchmarks", "results", f"rollout-{'gpu' if on_gpu else 'cpu'}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({k: result[k] for k in ("training", "cache_speedup", "targets")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
