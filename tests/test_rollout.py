@@ -18,10 +18,10 @@ PROMPTS = [[5], [11, 12, 13, 14, 15], [7] * 9, list(range(30, 56))]  # uneven: 1
 
 @pytest.fixture(scope="module")
 def engines(tiny_dir):
-    return {family: NativeEngine.from_pretrained(tiny_dir[family]) for family in ("sdar_moe", "llada2_moe")}
+    return {family: NativeEngine.from_pretrained(tiny_dir[family]) for family in ("sdar", "sdar_moe", "llada2_moe")}
 
 
-@pytest.mark.parametrize("family", ["sdar_moe", "llada2_moe"])
+@pytest.mark.parametrize("family", ["sdar", "sdar_moe", "llada2_moe"])
 @pytest.mark.parametrize("params", [
     SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=()),
     SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7, stop_token_ids=()),
