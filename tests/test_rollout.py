@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from dare_mega.errors import ConfigError
 from dare_mega.rollout.engine import NativeEngine
 from dare_mega.rollout.policies import choose_reveals

@@ -181,15 +181,7 @@ class NativeEngine:
         cache = KVCache.empty(self.args, len(requests), max_len, self.model.dtype, dev)
         full = [len(r.prompt) // block * block for r in requests]
         if max(full) > 0:  # prefill the prompts' full blocks, block-causal
-            width = max(full)
-            tokens = torch.stack([torch.nn.functional.pad(r.canvas[:width], (0, width - min(width, r.canvas.numel())))
-                                  for r in requests]).to(dev)
-            positions = torch.arange(width, device=dev).expand(len(requests), width)
-            valid = torch.tensor(full, device=dev)[:, None] > torch.arange(width, device=dev)[None, :]
-            blk = torch.arange(width, device=dev) // block
-            causal = blk[None, :] <= blk[:, None]
-            new_mask = (causal[None] & valid[:, None, :] & valid[:, :, None]) | torch.eye(width, dtype=torch.bool,
-                                                                                           device=dev)[None]
+            tokens, positions, new_mask = self._prefixes(requests, full, block)
             self.model(tokens, positions, new_mask, cache=cache, store=True, logits=False)
             cache.lengths = torch.tensor(full, device=dev)
             self.stats["forwards"] += 1
@@ -227,22 +219,12 @@ class NativeEngine:
     def _run_uncached(self, requests, block, steps, stop_ids, params):
         self._block = block
         mask_id = self.args.diffusion.mask_token_id
-        dev = self.device
         for r in requests:
             self._start_block(r, len(r.prompt) // block * block, mask_id)
         active = list(range(len(requests)))
         while active:
             rows = [requests[i] for i in active]
-            ends = [r.block_start + block for r in rows]
-            width = max(ends)
-            tokens = torch.stack([torch.nn.functional.pad(r.canvas[:e], (0, width - e), value=0)
-                                  for r, e in zip(rows, ends)]).to(dev)
-            positions = torch.arange(width, device=dev).expand(len(rows), width)
-            valid = torch.tensor(ends, device=dev)[:, None] > torch.arange(width, device=dev)[None, :]
-            blk = torch.arange(width, device=dev) // block
-            causal = blk[None, :] <= blk[:, None]
-            new_mask = (causal[None] & valid[:, None, :] & valid[:, :, None]) | torch.eye(width, dtype=torch.bool,
-                                                                                           device=dev)[None]
+            tokens, positions, new_mask = self._prefixes(rows, [r.block_start + block for r in rows], block)
             logits = self.model(tokens, positions, new_mask)
             self.stats["forwards"] += 1
             for j, r in enumerate(rows):
@@ -254,6 +236,20 @@ class NativeEngine:
                     if not r.done:
                         self._start_block(r, r.block_start + block, mask_id)
             active = [i for i in active if not requests[i].done]
+
+    def _prefixes(self, rows, ends: list[int], block: int):
+        """Each row's canvas up to its end, padded to the longest, with the block-causal mask (padding
+        positions attend only to themselves)."""
+        dev = self.device
+        width = max(ends)
+        tokens = torch.stack([torch.nn.functional.pad(r.canvas[:e], (0, width - min(e, r.canvas.numel())))
+                              for r, e in zip(rows, ends)]).to(dev)
+        positions = torch.arange(width, device=dev).expand(len(rows), width)
+        valid = torch.tensor(ends, device=dev)[:, None] > torch.arange(width, device=dev)[None, :]
+        blk = torch.arange(width, device=dev) // block
+        causal = blk[None, :] <= blk[:, None]
+        eye = torch.eye(width, dtype=torch.bool, device=dev)[None]
+        return tokens, positions, (causal[None] & valid[:, None, :] & valid[:, :, None]) | eye
 
     # ---- per request -----------------------------------------------------------------------------------
     def _denoise(self, r: _Request, logits: torch.Tensor, block_tokens: torch.Tensor, steps, params, mask_id):
@@ -321,12 +317,12 @@ def _load_tokenizer(directory: str):
 
     if not any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
+    import warnings
+
     from transformers import AutoTokenizer
     from transformers.utils import logging
 
     # the checkpoint's config names a model type transformers does not know; only the tokenizer is wanted
-    import warnings
-
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
