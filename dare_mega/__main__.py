@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 
+from dare_mega.errors import DareMegaError
 from dare_mega.paths import REPO_ROOT
 
 
@@ -41,7 +42,11 @@ def tiny_checkpoint(preset: str, seed: int = 0) -> str:
     path = os.path.join(_cache_dir(), "checkpoints", f"{preset}-seed{seed}-{digest}")
     if not os.path.exists(os.path.join(path, "config.json")):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        make_tiny_checkpoint(path, preset=preset, seed=seed)
+        try:
+            make_tiny_checkpoint(path, preset=preset, seed=seed)
+        except (OSError, DareMegaError):  # another process (a torchrun rank) made it first
+            if not os.path.exists(os.path.join(path, "config.json")):
+                raise
     return path
 
 

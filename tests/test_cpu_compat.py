@@ -96,5 +96,7 @@ def test_type_strings_only_inside_megatron_checks():
     assert p.type() == "torch.FloatTensor"
     from megatron.core.optimizer import distrib_optimizer
 
-    fn = distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups
-    assert getattr(fn, "__dare_mega_wrapped__", False)
+    import inspect
+
+    raw = inspect.getattr_static(distrib_optimizer.DistributedOptimizer, "_build_model_and_main_param_groups")
+    assert isinstance(raw, classmethod) and getattr(raw.__func__, "__dare_mega_wrapped__", False)

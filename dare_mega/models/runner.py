@@ -31,6 +31,8 @@ class Batch:
     mask: BlockDiffusionMask | torch.Tensor  # per-token groups, or a dense bool [B, 1, S, S] (True = attend)
     labels: torch.Tensor | None = None  # [B, S] target token at each position (no shift for SDAR)
     loss_weights: torch.Tensor | None = None  # [B, S] float weight per position (0 = not in the loss)
+    loss_normalizer: torch.Tensor | None = None  # [B] int: what each row adds to the loss denominator
+    # (default: its number of weighted positions); the loss is sum(w * nll) / sum(normalizer), globally
 
     @property
     def size(self) -> int:
@@ -167,7 +169,7 @@ class Runner:
                              (batch.size, batch.seq_len))
 
     def loss_and_grads(self, batch: Batch, micro_batch_size: int | None = None) -> float:
-        """Weighted NLL summed over the global batch / number of weighted positions; grads in main_grad.
+        """Weighted NLL summed over the global batch / the global normalizer; grads in main_grad.
 
         Each data-parallel rank passes its own rows; the chunks must be wrapped by `wrap_for_training`.
         """
@@ -182,7 +184,10 @@ class Runner:
             logp = vocab_parallel_log_probs(output, mb.labels, vocab)
             weights = mb.loss_weights.to(logp.dtype)
             total = -(logp * weights).sum()
-            count = (weights != 0).sum().to(torch.int)
+            if mb.loss_normalizer is not None:
+                count = mb.loss_normalizer.sum().to(torch.int)
+            else:
+                count = (weights != 0).sum().to(torch.int)
             return total, count, {"loss_sum": total.detach().clone(), "count": count.clone()}
 
         stats = self._run(batch, micro_batch_size or batch.size, loss, forward_only=False)
@@ -203,7 +208,7 @@ class Runner:
         return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def wrap_for_training(chunks: list, overlap_grad_reduce: bool = False) -> list:
+def wrap_for_training(chunks: list, overlap_grad_reduce: bool = False, distributed_optimizer: bool = False) -> list:
     """Megatron DDP around each chunk, per-token loss normalisation, and Megatron's grad finalisation."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.utils import get_model_config
@@ -214,7 +219,7 @@ def wrap_for_training(chunks: list, overlap_grad_reduce: bool = False) -> list:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=distributed_optimizer,
         average_in_collective=False,
     )
     wrapped = []

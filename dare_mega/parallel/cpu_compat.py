@@ -286,26 +286,31 @@ def _with_cuda_type_names(fn: Callable) -> Callable:
 _TYPE_CHECKED = (
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "_build_model_and_main_param_groups"),
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
-    ("megatron.core.optimizer.clip_grads", None, "get_grad_norm_fp32"),
+    ("megatron.core.optimizer.clip_grads", None, "clip_grad_by_total_norm_fp32"),
 )
+# modules that import those functions by name, and so keep the unwrapped ones unless rebound
+_IMPORTED_BY_NAME = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.layer_wise_optimizer")
 
 
 def _redirect_type_strings():
     for module_name, class_name, fn_name in _TYPE_CHECKED:
         module = importlib.import_module(module_name)
         owner = getattr(module, class_name) if class_name else module
-        fn = getattr(owner, fn_name)
-        if getattr(fn, "__dare_mega_wrapped__", False):
-            continue
-        if class_name and isinstance(inspect.getattr_static(owner, fn_name), staticmethod):
-            setattr(owner, fn_name, staticmethod(_with_cuda_type_names(fn)))
+        raw = inspect.getattr_static(owner, fn_name)
+        if isinstance(raw, (staticmethod, classmethod)):
+            if getattr(raw.__func__, "__dare_mega_wrapped__", False):
+                continue
+            setattr(owner, fn_name, type(raw)(_with_cuda_type_names(raw.__func__)))
         else:
-            setattr(owner, fn_name, _with_cuda_type_names(fn))
-    # clip_grads' function is also imported by name elsewhere.
-    from megatron.core.optimizer import clip_grads, optimizer
+            if getattr(raw, "__dare_mega_wrapped__", False):
+                continue
+            setattr(owner, fn_name, _with_cuda_type_names(raw))
+    from megatron.core.optimizer import clip_grads
 
-    if hasattr(optimizer, "get_grad_norm_fp32"):
-        optimizer.get_grad_norm_fp32 = clip_grads.get_grad_norm_fp32
+    for module_name in _IMPORTED_BY_NAME:
+        module = importlib.import_module(module_name)
+        if hasattr(module, "clip_grad_by_total_norm_fp32"):
+            module.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
 
 
 def _probe_type_strings() -> bool:

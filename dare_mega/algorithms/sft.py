@@ -1,0 +1,95 @@
+"""SFT objectives for diffusion LLMs: turning packed rows into a noised Batch with loss weights.
+
+Pure functions of the rows and a generator (no model, no process group); the loss itself is the Runner's
+weighted NLL, sum(weight * -log p(label)) / sum(normalizer), over the global batch.
+
+- sdar_block (SDAR, the block-diffusion recipe of its LlamaFactory fork): per document t ~ U(t_min, t_max),
+  mask rate p = (1 - eps) t + eps, each response token masked with probability p (at least one), on the
+  two-stream layout [x_t ; x_0]; weight 1/p on masked noisy positions; normalised by the answer length.
+- llada2_block (dFactory's LLaDA2 block-diffusion SFT): t ~ U(0.3, 0.8) per document, mask rate t, the same
+  two-stream layout; weight 1; normalised by the number of masked tokens (a plain mean).
+- masked_diffusion (LLaDA-style MDM SFT): one stream, bidirectional attention within each document, p as in
+  sdar_block, weight 1/p, normalised by the answer length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dare_mega.data.sft import PackedRow
+from dare_mega.diffusion.masks import inference_mask, two_stream_inputs, two_stream_mask
+from dare_mega.models.runner import Batch
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str  # sdar_block | llada2_block | masked_diffusion
+    t_min: float
+    t_max: float
+    eps: float
+    two_stream: bool
+    inverse_p: bool  # weight 1/p (else 1)
+    per_answer: bool  # normalise by answer length (else by the number of masked tokens)
+
+
+def objective(name: str, family: str, eps: float = 1e-3, t_min: float | None = None,
+              t_max: float | None = None) -> Objective:
+    """The objective `name` ("auto": the family's published recipe) with its defaults filled in."""
+    if name == "auto":
+        name = "llada2_block" if family.startswith("llada2") else "sdar_block"
+    if name == "llada2_block":
+        return Objective(name, 0.3 if t_min is None else t_min, 0.8 if t_max is None else t_max, 0.0, True,
+                         inverse_p=False, per_answer=False)
+    if name == "sdar_block":
+        return Objective(name, t_min or 0.0, 1.0 if t_max is None else t_max, eps, True, inverse_p=True,
+                         per_answer=True)
+    if name == "masked_diffusion":
+        return Objective(name, t_min or 0.0, 1.0 if t_max is None else t_max, eps, False, inverse_p=True,
+                         per_answer=True)
+    raise ValueError(f"unknown SFT objective {name!r}")
+
+
+def noise_row(row: PackedRow, obj: Objective, generator: torch.Generator):
+    """(masked [n] bool, rate [n] float): which response tokens are masked, at which per-document rate."""
+    n = len(row.ids)
+    masked = torch.zeros(n, dtype=torch.bool)
+    rate = torch.ones(n)
+    response = torch.tensor(row.response)
+    for start, length, answer in row.documents:
+        span = slice(start, start + length)
+        eligible = response[span]
+        t = obj.t_min + (obj.t_max - obj.t_min) * float(torch.rand((), generator=generator))
+        p = (1 - obj.eps) * t + obj.eps
+        doc_masked = (torch.rand(length, generator=generator) < p) & eligible
+        if answer and not doc_masked.any():  # every document trains on at least one token
+            choices = torch.nonzero(eligible)[:, 0]
+            doc_masked[choices[int(torch.randint(len(choices), (), generator=generator))]] = True
+        masked[span] = doc_masked
+        rate[span] = p
+    return masked, rate
+
+
+def sft_batch(rows: list[PackedRow], obj: Objective, mask_token_id: int, block_size: int,
+              generators: list[torch.Generator]) -> Batch:
+    """Noise the rows (row i with generators[i]) and lay them out for the model (two-stream or single)."""
+    clean = torch.tensor([r.ids for r in rows], dtype=torch.long)
+    positions = torch.tensor([r.positions for r in rows], dtype=torch.long)
+    weights, normalizer, noisy_rows = [], [], []
+    for row, ids, generator in zip(rows, clean, generators):
+        masked, rate = noise_row(row, obj, generator)
+        noisy_rows.append(torch.where(masked, torch.full_like(ids, mask_token_id), ids))
+        weights.append(masked.float() / rate if obj.inverse_p else masked.float())
+        normalizer.append(sum(d[2] for d in row.documents) if obj.per_answer else int(masked.sum()))
+    noisy = torch.stack(noisy_rows)
+    weight = torch.stack(weights)
+    norm = torch.tensor(normalizer, dtype=torch.long)
+    if obj.two_stream:
+        input_ids, position_ids = two_stream_inputs(noisy, clean, positions)
+        return Batch(input_ids, position_ids, two_stream_mask(positions, block_size),
+                     labels=torch.cat([clean, clean], dim=1),
+                     loss_weights=torch.cat([weight, torch.zeros_like(weight)], dim=1), loss_normalizer=norm)
+    # masked diffusion: every document attends to itself bidirectionally (one block as long as the row)
+    return Batch(noisy, positions, inference_mask(positions, clean.shape[1]), labels=clean, loss_weights=weight,
+                 loss_normalizer=norm)

@@ -1,0 +1,120 @@
+"""The SFT run's typed config (YAML in configs/recipes/, `section.key=value` overrides on the command line)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dare_mega.config import choices
+from dare_mega.errors import ConfigError
+
+LOSSES = ("auto", "sdar_block", "llada2_block", "masked_diffusion")
+
+
+@dataclass
+class ModelSection:
+    hf: str | None = None  # HF checkpoint (weights, config, tokenizer); None: a tiny checkpoint made from `preset`
+    preset: str = "tiny-sdar-moe"
+    mask_token_id: int | None = None  # default: the family's
+    block_size: int | None = None  # default: the family's
+    dtype: str = field(default="auto", metadata=choices("auto", "float32", "bfloat16"))  # auto: bf16 on GPU
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    vpp: int | None = None
+    moe_dispatcher: str = field(default="alltoall", metadata=choices("alltoall", "allgather"))
+
+
+@dataclass
+class DataSection:
+    train: str | None = None  # a .jsonl / .parquet file or a directory of them; None: the built-in synthetic set
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    messages_key: str = "messages"  # chat records: the last message is the response
+    token_budget: int = 256  # tokens per packed micro-batch row (one stream; the two-stream layout doubles it)
+    overlong: str = field(default="drop", metadata=choices("drop", "error"))
+    shuffle: bool = True
+    synthetic_samples: int = 512
+
+
+@dataclass
+class LossSection:
+    name: str = field(default="auto", metadata=choices(*LOSSES))  # auto: the family's published recipe
+    eps: float = 1e-3  # SDAR / masked diffusion: mask rate p = (1 - eps) t + eps
+    t_min: float | None = None  # default: 0 (SDAR, masked diffusion) or 0.3 (LLaDA2)
+    t_max: float | None = None  # default: 1 (SDAR, masked diffusion) or 0.8 (LLaDA2)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay: str = field(default="cosine", metadata=choices("cosine", "linear", "constant"))
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    micro_batches: int = 1  # per data-parallel rank per step
+    seed: int = 1234
+    stop_after: int | None = None  # end the process after this step (tests, schedulers with time limits)
+
+
+@dataclass
+class CheckpointSection:
+    dir: str | None = None  # default: RUN_DIR/checkpoints
+    every: int = 50
+    keep: int = 2
+    resume: str = "auto"  # "auto": the newest complete checkpoint, if any; "none"; or a checkpoint directory
+
+
+@dataclass
+class LoggingSection:
+    wandb: str = field(default="off", metadata=choices("off", "offline", "online"))
+    project: str = "dare_mega"
+    name: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class SFTConfig:
+    run_dir: str = "runs/sft"
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def check(self, source: str = "config") -> None:
+        """Checks that need no model: positive sizes and sane ranges."""
+        positive = {
+            "data.token_budget": self.data.token_budget, "train.steps": self.train.steps,
+            "train.micro_batches": self.train.micro_batches, "checkpoint.every": self.checkpoint.every,
+            "checkpoint.keep": self.checkpoint.keep, "parallel.tp": self.parallel.tp, "parallel.pp": self.parallel.pp,
+            "parallel.ep": self.parallel.ep, "data.synthetic_samples": self.data.synthetic_samples,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{source}: {key}={value} must be >= 1")
+        if self.optim.lr <= 0 or self.optim.min_lr < 0 or self.optim.min_lr > self.optim.lr:
+            raise ConfigError(f"{source}: optim.lr={self.optim.lr} and optim.min_lr={self.optim.min_lr} need "
+                              "0 <= min_lr <= lr, lr > 0")
+        for key in ("t_min", "t_max"):
+            value = getattr(self.loss, key)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{source}: loss.{key}={value} must be within [0, 1]")
+        if not 0 < self.loss.eps < 1:
+            raise ConfigError(f"{source}: loss.eps={self.loss.eps} must be within (0, 1)")

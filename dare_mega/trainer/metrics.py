@@ -1,0 +1,50 @@
+"""Training metrics: a progress bar, one JSON line per step in RUN_DIR/metrics.jsonl, and wandb when enabled."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+class Metrics:
+    """Rank 0 writes; other ranks hold a disabled instance. wandb runs offline unless configured online."""
+
+    def __init__(self, run_dir: str, logging_cfg, total_steps: int, start_step: int, enabled: bool, config: dict):
+        self.enabled = enabled
+        self.file = None
+        self.wandb = None
+        self.bar = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if logging_cfg.wandb != "off":
+            os.environ.setdefault("WANDB_MODE", logging_cfg.wandb)
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            self.wandb = wandb.init(project=logging_cfg.project, name=logging_cfg.name, dir=run_dir, config=config,
+                                    mode=logging_cfg.wandb, resume="allow")
+        if logging_cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="sft", unit="step", dynamic_ncols=True)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
