@@ -66,7 +66,9 @@ def parity(argv) -> int:
     import torch
 
     hf_dir = args.hf or tiny_checkpoint(args.preset)
-    env = dict(os.environ)
+    # torchrun sets these for its children; stale values from a calling process must not leak in
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                            "LOCAL_RANK")}
     use_gpus = not args.cpu and torch.cuda.is_available() and torch.cuda.device_count() >= args.nproc
     if not use_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""

@@ -32,11 +32,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def clean_env(**extra) -> dict:
+    """The environment for a child process: without the torch.distributed variables of this process (the
+    in-process `world1` fixture sets them, and a child must not try to reuse its port)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
 def torchrun(nproc: int, script_or_module: list[str], timeout: int = 600, env: dict | None = None):
     """Run under torchrun with gloo on loopback, one thread per process; returns the CompletedProcess."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", *script_or_module]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    full_env = clean_env(**(env or {}))
     proc = subprocess.run(cmd, cwd=str(REPO), env=full_env, capture_output=True, text=True, timeout=timeout)
     return proc
 

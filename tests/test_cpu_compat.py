@@ -94,9 +94,9 @@ def test_type_strings_only_inside_megatron_checks():
         assert p.type() == "torch.cuda.FloatTensor"
         assert p.type(torch.float64).dtype == torch.float64
     assert p.type() == "torch.FloatTensor"
-    from megatron.core.optimizer import distrib_optimizer
-
     import inspect
+
+    from megatron.core.optimizer import distrib_optimizer
 
     raw = inspect.getattr_static(distrib_optimizer.DistributedOptimizer, "_build_model_and_main_param_groups")
     assert isinstance(raw, classmethod) and getattr(raw.__func__, "__dare_mega_wrapped__", False)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, clean_env
 
 from dare_mega.errors import ConfigError
 from dare_mega.rollout.engine import NativeEngine
@@ -176,7 +176,7 @@ def test_cli(tiny_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dare_mega.rollout", "--hf", tiny_dir["llada2_moe"], "--prompts",
                            str(prompts), "--json", str(out), "--max-new-tokens", "8", "--policy",
                            "low_confidence_static", "--steps", "2", "--seed", "5"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tokens/s" in proc.stdout and "forwards per token" in proc.stdout
     lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -185,5 +185,5 @@ def test_cli(tiny_dir, tmp_path):
         assert len(line["logprobs"]) == len(line["reveal_steps"]) == len(line["completion_ids"]) == 8
         assert line["forwards"] > 0 and isinstance(line["text"], str)
     bad = subprocess.run([sys.executable, "-m", "dare_mega.rollout", "--hf", tiny_dir["llada2_moe"], "--prompt", "x",
-                          "--max-new-tokens", "0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                          "--max-new-tokens", "0"], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "max_new_tokens=0" in bad.stderr

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, torchrun
+from conftest import REPO, clean_env, torchrun
 
 
 def test_make_tiny_model_writes_the_published_layout(tmp_path):
     out = tmp_path / "tiny-moe"
     proc = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--family", "sdar_moe", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = set(os.listdir(out))
     assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
@@ -40,14 +40,14 @@ def test_make_tiny_model_writes_the_published_layout(tmp_path):
     assert chat.endswith("<|im_start|>assistant\n")
 
     again = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--family", "sdar", "--out", str(out)],
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
+                           cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
 
 
 def test_make_tiny_llada2_in_bfloat16(tmp_path):
     out = tmp_path / "tiny-llada2"
     proc = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--family", "llada2_moe", "--out", str(out),
-                           "--dtype", "bfloat16"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "--dtype", "bfloat16"], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from transformers import AutoTokenizer
 
@@ -96,7 +96,7 @@ def test_check_logits_exit_status_follows_the_tolerance(tiny_dir):
 
 @pytest.mark.distributed
 def test_main_job_runs_parity_at_tp2_ep2(tmp_path):
-    env = {**os.environ, "DARE_MEGA_CACHE": str(tmp_path)}
+    env = clean_env(DARE_MEGA_CACHE=str(tmp_path))
     proc = subprocess.run([sys.executable, "-m", "dare_mega"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

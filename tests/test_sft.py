@@ -1,0 +1,285 @@
+"""SFT: objectives, packing, the training loop at several layouts, crash and exact resume, launch, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, clean_env, free_port, torchrun
+
+from dare_mega.algorithms.sft import noise_row, objective, sft_batch
+from dare_mega.config import load_config
+from dare_mega.data.sft import PackedLoader, PackedRow, Sample, pack
+from dare_mega.errors import ConfigError
+from dare_mega.trainer.config import SFTConfig
+
+RECIPE = "configs/recipes/sft_tiny_sdar_moe.yaml"
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> loss; a step logged twice (before a crash and after the resume) keeps its last value."""
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def sft(nproc, run_dir, *overrides, timeout=600):
+    args = ["-m", "dare_mega.trainer.sft", "--config", RECIPE, f"run_dir={run_dir}", "logging.progress=false",
+            *overrides]
+    if nproc == 1:
+        env = clean_env()
+        return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    return torchrun(nproc, args, timeout=timeout)
+
+
+# ---- objectives and packing (no model) ----------------------------------------------------------------
+
+
+def _row():
+    samples = [Sample(list(range(10, 22)), prompt_len=5), Sample(list(range(30, 38)), prompt_len=3)]
+    rows, dropped = pack(samples, budget=24)
+    assert dropped == 0 and len(rows) == 1
+    return rows[0]
+
+
+def test_packing_keeps_documents_apart_and_respects_the_budget():
+    row = _row()
+    assert len(row.ids) == len(row.positions) == len(row.response) == 24
+    assert row.positions == list(range(12)) + list(range(8)) + list(range(4))  # the leftover is its own sample
+    assert row.response == [False] * 5 + [True] * 7 + [False] * 3 + [True] * 5 + [False] * 4
+    assert row.documents == [(0, 12, 7), (12, 8, 5)]
+    samples = [Sample([1] * n, 1, f"s{n}") for n in (10, 10, 30, 5)]
+    rows, dropped = pack(samples, budget=20)
+    assert dropped == 1 and all(len(r.ids) == 20 for r in rows) and len(rows) == 2
+    with pytest.raises(ConfigError, match="s30: 30 tokens exceed data.token_budget=20"):
+        pack(samples, budget=20, overlong="error")
+
+
+def test_loader_deals_equal_counts_and_resumes():
+    rows = [PackedRow([i], [0], [True], [(0, 1, 1)]) for i in range(10)]
+    loaders = [PackedLoader(rows, dp_size=2, dp_rank=r, micro_batches=2, seed=3) for r in range(2)]
+    seen = []
+    for _ in range(4):  # crosses an epoch: 10 rows, 4 per step
+        step = [loader.next_step() for loader in loaders]
+        assert all(len(picked) == 2 for picked, _ in step)
+        assert [slots for _, slots in step] == [[0, 1], [2, 3]]
+        ids = [r.ids[0] for picked, _ in step for r in picked]
+        assert len(set(ids)) == 4
+        seen.append(ids)
+    assert sorted(seen[0] + seen[1]) != sorted(seen[2] + seen[3]) or seen[0] != seen[2]
+    state = loaders[0].state_dict()
+    again = PackedLoader(rows, 2, 0, 2, seed=3)
+    again.load_state_dict(state)
+    assert [r.ids for r in again.next_step()[0]] == [r.ids for r in loaders[0].next_step()[0]]
+    with pytest.raises(ConfigError, match="cannot give 2 micro-batch"):
+        PackedLoader(rows[:3], dp_size=2, dp_rank=0, micro_batches=2, seed=0)
+
+
+@pytest.mark.parametrize("name", ["sdar_block", "llada2_block", "masked_diffusion"])
+def test_objectives(name):
+    row = _row()
+    obj = objective(name, "sdar_moe")
+    counts = []
+    for seed in range(200):
+        masked, rate = noise_row(row, obj, torch.Generator().manual_seed(seed))
+        response = torch.tensor(row.response)
+        assert not (masked & ~response).any()  # prompts and pack padding are never masked
+        for start, length, _ in row.documents:
+            assert masked[start : start + length].any()  # every document trains on something
+        doc_rate = rate[0].item()
+        if name == "llada2_block":
+            assert 0.3 <= doc_rate <= 0.8
+        else:
+            assert 1e-3 <= doc_rate <= 1.0
+        counts.append(masked.sum().item())
+    assert min(counts) < max(counts)
+    batch = sft_batch([row], obj, mask_token_id=99, block_size=4, generators=[torch.Generator().manual_seed(0)])
+    masked_positions = batch.input_ids[0, :24] == 99
+    weights = batch.loss_weights[0]
+    if obj.two_stream:
+        assert batch.input_ids.shape == (1, 48) and torch.equal(batch.input_ids[0, 24:], torch.tensor(row.ids))
+        assert torch.equal(batch.position_ids[0, :24], batch.position_ids[0, 24:])
+        assert (weights[24:] == 0).all()
+    else:
+        assert batch.input_ids.shape == (1, 24)
+    assert ((weights[:24] > 0) == masked_positions).all()
+    if name == "llada2_block":
+        assert set(weights[:24][masked_positions].tolist()) == {1.0}
+        assert batch.loss_normalizer.item() == masked_positions.sum().item()  # a plain mean over masked
+    else:
+        assert (weights[:24][masked_positions] >= 1.0).all()  # 1 / p
+        assert batch.loss_normalizer.item() == 7 + 5  # the answer lengths
+    assert objective("auto", "llada2_moe").name == "llada2_block" and objective("auto", "sdar").name == "sdar_block"
+
+
+def test_no_attention_crosses_packed_documents(tiny_dir, world1):
+    from dare_mega.models.builder import build_from_hf
+    from dare_mega.parallel import ParallelLayout
+
+    # the dense model: in an MoE, tokens of one document change which rows share an expert's matmul, which
+    # moves other documents' logits by float rounding (1e-6) although no attention crosses
+    chunks, args = build_from_hf(tiny_dir["sdar"], ParallelLayout())
+    model = chunks[0].eval()
+    row = _row()
+    obj = objective("sdar_block", args.family)
+
+    def logits(r):
+        batch = sft_batch([r], obj, args.diffusion.mask_token_id, 4, [torch.Generator().manual_seed(1)])
+        with torch.no_grad():
+            return model(batch.input_ids, batch.position_ids, batch.mask)
+
+    base = logits(row)
+    changed = PackedRow([(t + 3) % 200 if i < 12 else t for i, t in enumerate(row.ids)], row.positions,
+                        row.response, row.documents)
+    other = logits(changed)
+    second = list(range(12, 20)) + list(range(36, 44))  # the second document in both streams
+    assert (base[0, second] - other[0, second]).abs().max().item() == 0.0
+    assert (base[0, :12] - other[0, :12]).abs().max().item() > 0
+
+
+# ---- config and data errors ---------------------------------------------------------------------------
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key train\.stepz \(did you mean train\.steps\?\)"):
+        load_config(SFTConfig, RECIPE, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match=r"unknown key bogus"):
+        load_config(SFTConfig, RECIPE, ["bogus.x=1"])
+    with pytest.raises(ConfigError, match=r"optim\.lr='fast' must be a number"):
+        load_config(SFTConfig, RECIPE, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match=r"loss\.name='magic'"):
+        load_config(SFTConfig, RECIPE, ["loss.name=magic"])
+    with pytest.raises(ConfigError, match=r"train\.steps=0 must be >= 1"):
+        load_config(SFTConfig, RECIPE, ["train.steps=0"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(SFTConfig, str(bad))
+    cfg = load_config(SFTConfig, RECIPE, ["parallel.tp=2", "data.token_budget=128"])
+    assert cfg.parallel.tp == 2 and cfg.optim.lr == 3e-3
+
+
+def test_data_errors(tmp_path):
+    from dare_mega.data.records import read_records
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n')
+    with pytest.raises(ConfigError, match=rf"{data}:2: malformed JSON line"):
+        read_records(str(data))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="the dataset is empty"):
+        read_records(str(empty))
+    with pytest.raises(ConfigError, match="no such data file"):
+        read_records(str(tmp_path / "missing.jsonl"))
+    import pandas as pd
+
+    pd.DataFrame({"prompt": ["x", "y"], "response": ["1", "2"]}).to_parquet(tmp_path / "d.parquet")
+    assert [r["response"] for r in read_records(str(tmp_path / "d.parquet"))] == ["1", "2"]
+
+
+@pytest.mark.distributed
+def test_run_errors_name_the_problem(tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "x" * 400, "response": "y"}) + "\n")
+    proc = sft(1, tmp_path / "r1", f"data.train={data}", "data.overlong=error")
+    assert proc.returncode == 2 and "exceed data.token_budget=128" in proc.stderr
+    proc = sft(1, tmp_path / "r2", "parallel.tp=3")
+    assert proc.returncode == 2 and "num_attention_heads=4 is not divisible by tp=3" in proc.stderr
+    proc = sft(1, tmp_path / "r3", "train.bogus=1")
+    assert proc.returncode == 2 and "unknown key train.bogus" in proc.stderr
+
+
+# ---- the loop ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.distributed
+def test_loss_goes_down_and_layouts_agree(tmp_path):
+    single = sft(1, tmp_path / "tp1", "train.steps=30", "train.micro_batches=2", "checkpoint.every=100",
+                 "logging.wandb=offline")
+    assert single.returncode == 0, single.stderr[-3000:]
+    curve = losses(tmp_path / "tp1")
+    first, last = sum(curve[s] for s in range(1, 11)) / 10, sum(curve[s] for s in range(21, 31)) / 10
+    assert last < 0.75 * first, (first, last)
+    record = json.loads(open(tmp_path / "tp1" / "metrics.jsonl").readline())
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(record)
+    assert any(name.startswith("offline-run") for name in os.listdir(tmp_path / "tp1" / "wandb"))
+    tp_ep = sft(4, tmp_path / "tp2ep2", "train.steps=4", "train.micro_batches=1", "parallel.tp=2", "parallel.ep=2",
+                "checkpoint.every=100")
+    assert tp_ep.returncode == 0, tp_ep.stderr[-3000:]
+    pp = sft(2, tmp_path / "pp2", "train.steps=4", "train.micro_batches=2", "parallel.pp=2", "checkpoint.every=100")
+    assert pp.returncode == 0, pp.stderr[-3000:]
+    for other in (losses(tmp_path / "tp2ep2"), losses(tmp_path / "pp2")):
+        for step in range(1, 5):
+            assert abs(other[step] - curve[step]) <= 1e-5 * max(1.0, abs(curve[step])), (step, other[step], curve[step])
+
+
+@pytest.mark.distributed
+def test_crash_and_exact_resume(tmp_path):
+    common = ["train.steps=10", "checkpoint.every=2", "checkpoint.keep=3"]
+    straight = sft(1, tmp_path / "straight", *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected = losses(tmp_path / "straight")
+
+    run_dir = tmp_path / "crashed"
+    env = clean_env()
+    proc = subprocess.Popen([sys.executable, "-m", "dare_mega.trainer.sft", "--config", RECIPE, f"run_dir={run_dir}",
+                             "logging.progress=false", *common], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # kill -9, wherever it is (maybe inside a checkpoint write)
+    proc.wait()
+    crashed_at = max(losses(run_dir))
+    assert crashed_at < 10, "the run finished before it could be killed"
+    checkpoints = run_dir / "checkpoints"
+    # a checkpoint cut off mid-write, in both shapes it can take: never resumed from
+    (checkpoints / ".step_00000008.partial").mkdir(parents=True, exist_ok=True)
+    (checkpoints / "step_00000009").mkdir(exist_ok=True)
+    (checkpoints / "step_00000009" / ".metadata").write_text("truncated")
+
+    resumed = sft(1, run_dir, *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    start = int(resumed.stdout.split("starting at step ")[1].split()[0])
+    assert start in (0, 2, 4, 6) and start <= crashed_at
+    after = losses(run_dir)
+    for step in range(start + 1, 11):
+        assert after[step] == expected[step], f"step {step}: {after[step]} after resume, {expected[step]} straight"
+    from dare_mega.trainer.checkpoint import complete_checkpoints
+
+    assert [step for step, _ in complete_checkpoints(str(checkpoints))] == [6, 8, 10]  # keep=3
+    assert (checkpoints / "step_00000009").exists()  # the cut-off one was ignored, not deleted
+
+    # a training checkpoint exports to HF like a converted one
+    from dare_mega.checkpoint.export import export_to_hf
+    from dare_mega.checkpoint.safetensors_io import CheckpointReader
+
+    export_to_hf(str(checkpoints / "step_00000010"), str(tmp_path / "hf"))
+    reader = CheckpointReader(str(tmp_path / "hf"))
+    assert "model.layers.0.mlp.experts.7.down_proj.weight" in reader.names()
+
+
+@pytest.mark.distributed
+def test_launch_script_as_two_nodes(tmp_path):
+    port = str(free_port())
+    base = clean_env(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NPROC_PER_NODE="2")
+    args = ["bash", "examples/sft_sdar_moe.sh", "train.steps=2", "parallel.tp=2", "parallel.ep=2",
+            "train.micro_batches=1", f"run_dir={tmp_path / 'run'}", "logging.progress=false", "checkpoint.every=100"]
+    nodes = [subprocess.Popen(args, cwd=REPO, env={**base, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (1, 0)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [o[1][-2000:] for o in outputs]
+    assert "on 4 process(es)" in outputs[1][0] and "node 0/2" in outputs[1][0]
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
