@@ -59,6 +59,11 @@ def _coerce(value, tp, key: str, source: str):
             raise ConfigError(f"{source}: {key}={value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key}={value!r} must be a number")
         return float(value)

@@ -67,7 +67,8 @@ class Batch:
         return [self.rows(i, i + micro_batch_size) for i in range(0, self.size, micro_batch_size)]
 
 
-def vocab_parallel_log_probs(logits_shard: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def vocab_parallel_log_probs(logits_shard: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                             temperature: float = 1.0) -> torch.Tensor:
     """log p(target) from TP-sharded logits [..., V/tp] without gathering the vocabulary.
 
     Megatron pads the vocabulary; the padded columns are excluded (set to -inf) so that the softmax is over
@@ -77,6 +78,8 @@ def vocab_parallel_log_probs(logits_shard: torch.Tensor, targets: torch.Tensor, 
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     logits = logits_shard.float()
+    if temperature != 1.0:  # the policy that sampled at temperature T: softmax(logits / T)
+        logits = logits / temperature
     per_rank = logits.shape[-1]
     start = ps.get_tensor_model_parallel_rank() * per_rank
     if start + per_rank > vocab_size:
@@ -161,14 +164,15 @@ class Runner:
         return self._collect(batch, micro_batch_size, lambda mb, out: gather_vocab(out, vocab).float(),
                              (batch.size, batch.seq_len, vocab))
 
-    def token_log_probs(self, batch: Batch, micro_batch_size: int | None = None) -> torch.Tensor:
-        """log p(labels) [B, S] (float32) on every rank, computed vocab-parallel."""
+    def token_log_probs(self, batch: Batch, micro_batch_size: int | None = None,
+                        temperature: float = 1.0) -> torch.Tensor:
+        """log p(labels) [B, S] (float32) on every rank, computed vocab-parallel (at `temperature`)."""
         vocab = self.args.vocab_size
         return self._collect(batch, micro_batch_size,
-                             lambda mb, out: vocab_parallel_log_probs(out, mb.labels, vocab),
+                             lambda mb, out: vocab_parallel_log_probs(out, mb.labels, vocab, temperature),
                              (batch.size, batch.seq_len))
 
-    def loss_and_grads(self, batch: Batch, micro_batch_size: int | None = None) -> float:
+    def loss_and_grads(self, batch: Batch, micro_batch_size: int | None = None, temperature: float = 1.0) -> float:
         """Weighted NLL summed over the global batch / the global normalizer; grads in main_grad.
 
         Each data-parallel rank passes its own rows; the chunks must be wrapped by `wrap_for_training`.
@@ -181,7 +185,7 @@ class Runner:
         vocab = self.args.vocab_size
 
         def loss(mb, output):
-            logp = vocab_parallel_log_probs(output, mb.labels, vocab)
+            logp = vocab_parallel_log_probs(output, mb.labels, vocab, temperature)
             weights = mb.loss_weights.to(logp.dtype)
             total = -(logp * weights).sum()
             if mb.loss_normalizer is not None:

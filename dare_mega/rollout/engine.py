@@ -114,6 +114,16 @@ class NativeEngine:
         self.weight_version = version
         return applied
 
+    def load_megatron_weights(self, named_full_tensors, version: int) -> int:
+        """Update weights from full Megatron tensors under the table's canonical names (the trainer's
+        in-process refresh, dare_mega/weight_sync/gather.py)."""
+        count = 0
+        for name, full in named_full_tensors:
+            self.model.set_full(name, full)
+            count += 1
+        self.weight_version = version
+        return count
+
     # ---- generation ------------------------------------------------------------------------------------
     def encode(self, prompts) -> list[list[int]]:
         out = []

@@ -32,6 +32,7 @@ class ParallelSection:
 @dataclass
 class DataSection:
     train: str | None = None  # a .jsonl / .parquet file or a directory of them; None: the built-in synthetic set
+    task: str | None = None  # instead of `train`: a synthetic verifiable task (dare_mega/data/tasks.py)
     prompt_key: str = "prompt"
     response_key: str = "response"
     messages_key: str = "messages"  # chat records: the last message is the response
@@ -118,3 +119,99 @@ class SFTConfig:
                 raise ConfigError(f"{source}: loss.{key}={value} must be within [0, 1]")
         if not 0 < self.loss.eps < 1:
             raise ConfigError(f"{source}: loss.eps={self.loss.eps} must be within (0, 1)")
+
+
+# ---- RL ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RLModelSection(ModelSection):
+    init: str | None = None  # start from this torch_dist checkpoint (an SFT or RL checkpoint), else model.hf
+
+
+@dataclass
+class TaskSection:
+    name: str = "arithmetic"  # a synthetic task (dare_mega/data/tasks.py) or "file"
+    train: str | None = None  # name=file: JSONL / Parquet records with `prompt` and the reward's fields
+    reward: str | None = None  # default: the task's own (math, arithmetic, countdown, sudoku, code)
+    train_prompts: int = 256
+    heldout: int = 64
+    seed: int = 0
+
+
+@dataclass
+class RolloutSection:
+    prompts_per_step: int = 8
+    n: int = 4  # completions per prompt (a group)
+    max_new_tokens: int = 8
+    policy: str = field(default="low_confidence_dynamic",
+                        metadata=choices("low_confidence_static", "low_confidence_dynamic", "entropy_bounded"))
+    steps: int | None = None
+    threshold: float = 0.9
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cache: bool = True
+
+
+@dataclass
+class AlgorithmSection:
+    estimator: str = field(default="trajectory",
+                           metadata=choices("trajectory", "d1", "coupled", "bgpo", "ebpo", "espo", "spg"))
+    advantage: str = field(default="grpo", metadata=choices("grpo", "rloo"))
+    std_normalize: bool = True
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = 3.0
+    kl_coef: float = 0.0
+    kl_kind: str = field(default="k3", metadata=choices("k1", "k2", "k3"))
+    tis_cap: float | None = 2.0
+    epochs: int = 1
+    mc: int = 4  # Monte-Carlo rows per sample (bgpo, ebpo, espo, spg)
+    spg_mix: float = 0.5
+    freeze_expert_bias: bool = True  # keep the MoE router's selection bias fixed during RL
+
+
+@dataclass
+class EvalSection:
+    every: int = 0  # 0: only before and after
+    max_new_tokens: int | None = None  # default: rollout.max_new_tokens
+    samples: int = 4  # completions per held-out prompt for the sampled accuracy
+    metric: str = field(default="sampled", metadata=choices("sampled", "greedy"))  # the one the last line reports
+
+
+@dataclass
+class RLTrainSection:
+    steps: int = 20
+    seed: int = 1234
+    micro_batch_size: int = 4  # estimator rows per micro-batch
+    stop_after: int | None = None
+
+
+@dataclass
+class RLConfig:
+    run_dir: str = "runs/rl"
+    model: RLModelSection = field(default_factory=RLModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: RLTrainSection = field(default_factory=RLTrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def check(self, source: str = "config") -> None:
+        positive = {"rollout.prompts_per_step": self.rollout.prompts_per_step, "rollout.n": self.rollout.n,
+                    "rollout.max_new_tokens": self.rollout.max_new_tokens, "train.steps": self.train.steps,
+                    "train.micro_batch_size": self.train.micro_batch_size, "algorithm.epochs": self.algorithm.epochs,
+                    "algorithm.mc": self.algorithm.mc, "task.heldout": self.task.heldout,
+                    "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{source}: {key}={value} must be >= 1")
+        if self.task.name == "file" and not self.task.train:
+            raise ConfigError(f"{source}: task.name=file needs task.train (a JSONL or Parquet path)")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"{source}: optim.lr={self.optim.lr} must be > 0")

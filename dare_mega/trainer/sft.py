@@ -33,7 +33,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def ensure_model_dir(cfg: SFTConfig) -> str:
+def ensure_model_dir(cfg) -> str:
     """The HF checkpoint to train: model.hf, or a tiny one made (once, race-free) from model.preset."""
     if cfg.model.hf:
         return cfg.model.hf
@@ -42,7 +42,7 @@ def ensure_model_dir(cfg: SFTConfig) -> str:
     return tiny_checkpoint(cfg.model.preset)
 
 
-def preflight(cfg: SFTConfig, hf_dir: str, world_size: int):
+def preflight(cfg, hf_dir: str, world_size: int, check_budget: bool = True):
     """Everything that can be checked without process groups: the model, the layout, the world size."""
     from dare_mega.models.builder import load_model_args
     from dare_mega.models.transformer_config import check_layout
@@ -54,6 +54,8 @@ def preflight(cfg: SFTConfig, hf_dir: str, world_size: int):
     check_layout(args, layout, f"{hf_dir}/config.json (parallel.*)")
     layout.check_world(world_size)
     block = args.diffusion.block_size
+    if not check_budget:
+        return args, layout
     if cfg.data.token_budget % block:
         raise ConfigError(f"data.token_budget={cfg.data.token_budget} is not a multiple of the block size {block}")
     if layout.sp and (2 * cfg.data.token_budget) % layout.tp:
@@ -69,8 +71,14 @@ def build_data(cfg: SFTConfig, args, hf_dir: str, dp_size: int, dp_rank: int):
     tokenizer = _load_tokenizer(hf_dir)
     if tokenizer is None:
         raise ConfigError(f"{hf_dir}: SFT needs the checkpoint's tokenizer files (for its chat template)")
-    records = read_records(cfg.data.train) if cfg.data.train else synthetic_records(cfg.data.synthetic_samples,
-                                                                                     cfg.train.seed)
+    if cfg.data.train:
+        records = read_records(cfg.data.train)
+    elif cfg.data.task:
+        from dare_mega.data.tasks import make_task
+
+        records = make_task(cfg.data.task, cfg.data.synthetic_samples, seed=0)  # the RL task's training prompts
+    else:
+        records = synthetic_records(cfg.data.synthetic_samples, cfg.train.seed)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else args.diffusion.eos_token_ids[0]
     samples = [tokenize_record(r, tokenizer, cfg.data, args.diffusion.block_size, args.diffusion.pad_token_id, eos)
                for r in records]
@@ -80,7 +88,7 @@ def build_data(cfg: SFTConfig, args, hf_dir: str, dp_size: int, dp_rank: int):
                     "tokens": sum(len(s.ids) for s in samples)}
 
 
-def build_optimizer(cfg: SFTConfig, chunks, params_dtype):
+def build_optimizer(cfg, chunks, params_dtype):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -106,11 +114,9 @@ def run(cfg: SFTConfig) -> dict:
     from megatron.core import parallel_state as ps
 
     from dare_mega.algorithms.sft import objective, sft_batch
-    from dare_mega.checkpoint.safetensors_io import CheckpointReader
-    from dare_mega.checkpoint.torch_dist import FORMAT_VERSION, dtype_name
     from dare_mega.models.builder import build_from_hf
     from dare_mega.models.runner import Runner, wrap_for_training
-    from dare_mega.models.transformer_config import RuntimeOptions, padded_vocab_size
+    from dare_mega.models.transformer_config import RuntimeOptions
     from dare_mega.parallel import destroy_distributed, init_distributed, init_model_parallel
     from dare_mega.trainer import checkpoint as ckpt
     from dare_mega.trainer.metrics import Metrics
@@ -139,15 +145,7 @@ def run(cfg: SFTConfig) -> dict:
     if path:
         start_step, data_state = ckpt.load(path, chunks, optimizer, scheduler)
         loader.load_state_dict(data_state)
-    source = CheckpointReader(hf_dir)
-    meta = {
-        "format": FORMAT_VERSION, "architecture": args.architecture,
-        "hf_config": json.load(open(os.path.join(hf_dir, "config.json"))),
-        "hf_tensors": {n: {"dtype": dtype_name(source.dtype(n)), "shape": list(source.shapes[n])} for n in source.names()},
-        "hf_tensor_order": source.names(), "padded_vocab_size": padded_vocab_size(args.vocab_size, layout.tp),
-        "params_dtype": dtype_name(dtype), "saved_layout": layout.describe(),
-    }
-    assets = _assets_dir(hf_dir, cfg.run_dir, env)
+    meta, assets = training_meta(hf_dir, args, layout, dtype, cfg.run_dir, env)
     metrics = Metrics(cfg.run_dir, cfg.logging, cfg.train.steps, start_step, env.is_main, to_dict(cfg))
     if env.is_main:
         print(f"sft: {args.architecture} at {layout.describe()} on {env.world_size} process(es), objective {obj.name}; "
@@ -185,6 +183,24 @@ def run(cfg: SFTConfig) -> dict:
               f"run dir {cfg.run_dir}", flush=True)
     destroy_distributed()
     return last or {}
+
+
+def training_meta(hf_dir: str, args, layout, dtype, run_dir: str, env):
+    """What training checkpoints record about the source HF checkpoint (so that they export to HF), and
+    the directory of its config and tokenizer files copied into the run."""
+    from dare_mega.checkpoint.safetensors_io import CheckpointReader
+    from dare_mega.checkpoint.torch_dist import FORMAT_VERSION, dtype_name
+    from dare_mega.models.transformer_config import padded_vocab_size
+
+    source = CheckpointReader(hf_dir)
+    meta = {
+        "format": FORMAT_VERSION, "architecture": args.architecture,
+        "hf_config": json.load(open(os.path.join(hf_dir, "config.json"))),
+        "hf_tensors": {n: {"dtype": dtype_name(source.dtype(n)), "shape": list(source.shapes[n])} for n in source.names()},
+        "hf_tensor_order": source.names(), "padded_vocab_size": padded_vocab_size(args.vocab_size, layout.tp),
+        "params_dtype": dtype_name(dtype), "saved_layout": layout.describe(),
+    }
+    return meta, _assets_dir(hf_dir, run_dir, env)
 
 
 def _assets_dir(hf_dir: str, run_dir: str, env) -> str:

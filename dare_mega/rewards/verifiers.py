@@ -1,0 +1,155 @@
+"""Rewards: each reward(text, record) -> float in [0, 1], registered by name.
+
+- math: the last \\boxed{...} (or, failing that, the last number) against record["answer"], checked with
+  Hugging Face's math-verify (symbolic and numeric equivalence);
+- arithmetic: the first integer of the answer equals record["answer"] exactly;
+- exact: the first word of the answer is record["answer"];
+- countdown: an arithmetic expression that uses record["numbers"], each exactly once, and evaluates to
+  record["target"] (parsed with `ast`, never `eval`);
+- sudoku: a full grid (digits, any separators) that keeps record["puzzle"]'s givens and is valid;
+- code: the completion's code with record["tests"] appended runs in the sandbox (rewards/sandbox.py) and
+  passes (exit status 0, no timeout, output under its cap).
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+import re
+
+from dare_mega.errors import ConfigError
+
+REWARDS = {}
+REQUIRED_FIELDS = {"math": ("answer",), "arithmetic": ("answer",), "exact": ("answer",), "countdown": ("numbers", "target"),
+                   "sudoku": ("puzzle",), "code": ("tests",)}
+
+
+def register(name):
+    def wrap(fn):
+        REWARDS[name] = fn
+        return fn
+
+    return wrap
+
+
+def check_fields(name: str, record: dict, where: str = "record") -> None:
+    if name not in REWARDS:
+        raise ConfigError(f"reward {name!r}; known: {', '.join(sorted(REWARDS))}")
+    missing = [k for k in REQUIRED_FIELDS.get(name, ()) if k not in record]
+    if missing:
+        raise ConfigError(f"{where}: the {name} reward needs field(s) {', '.join(missing)}")
+
+
+def _last_boxed(text: str) -> str | None:
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    begin = i
+    while i < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        i += 1
+    return text[begin : i - 1] if depth == 0 else None
+
+
+@register("math")
+def math_reward(text: str, record: dict) -> float:
+    from math_verify import parse, verify
+
+    answer = _last_boxed(text)
+    if answer is None:
+        numbers = re.findall(r"-?\d+(?:\.\d+)?(?:/\d+)?", text)
+        if not numbers:
+            return 0.0
+        answer = numbers[-1]
+    gold = parse(f"${record['answer']}$")
+    guess = parse(f"${answer}$")
+    return 1.0 if gold and guess and verify(gold, guess) else 0.0
+
+
+@register("arithmetic")
+def arithmetic_reward(text: str, record: dict) -> float:
+    match = re.search(r"-?\d+", text)
+    return 1.0 if match and int(match.group()) == int(record["answer"]) else 0.0
+
+
+@register("exact")
+def exact_reward(text: str, record: dict) -> float:
+    words = text.split()
+    return 1.0 if words and words[0] == str(record["answer"]) else 0.0
+
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _evaluate(node, used: list[int]):
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body, used)
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        left, right = _evaluate(node.left, used), _evaluate(node.right, used)
+        if isinstance(node.op, ast.Div) and right == 0:
+            raise ZeroDivisionError
+        return _OPS[type(node.op)](left, right)
+    if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+        used.append(node.value)
+        return node.value
+    raise ValueError("only + - * / and integers")
+
+
+@register("countdown")
+def countdown_reward(text: str, record: dict) -> float:
+    candidates = re.findall(r"[\d\s+\-*/()]+", text.split("=")[0])
+    for expression in sorted(candidates, key=len, reverse=True):
+        expression = expression.strip()
+        if not expression or not re.search(r"\d", expression):
+            continue
+        try:
+            used: list[int] = []
+            value = _evaluate(ast.parse(expression, mode="eval"), used)
+        except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+            continue
+        if sorted(used) == sorted(record["numbers"]) and math.isclose(value, record["target"], abs_tol=1e-9):
+            return 1.0
+        return 0.0
+    return 0.0
+
+
+@register("sudoku")
+def sudoku_reward(text: str, record: dict) -> float:
+    puzzle = [int(c) for c in re.sub(r"\D", "", str(record["puzzle"]))]
+    size = int(round(len(puzzle) ** 0.5))
+    box = int(round(size**0.5))
+    digits = [int(c) for c in re.sub(r"\D", "", text)][: size * size]
+    if len(digits) != size * size or any(not 1 <= d <= size for d in digits):
+        return 0.0
+    if any(p and p != d for p, d in zip(puzzle, digits)):
+        return 0.0
+    grid = [digits[r * size : (r + 1) * size] for r in range(size)]
+    full = set(range(1, size + 1))
+    rows = all(set(row) == full for row in grid)
+    cols = all({grid[r][c] for r in range(size)} == full for c in range(size))
+    boxes = all({grid[r][c] for r in range(br, br + box) for c in range(bc, bc + box)} == full
+                for br in range(0, size, box) for bc in range(0, size, box))
+    return 1.0 if rows and cols and boxes else 0.0
+
+
+@register("code")
+def code_reward(text: str, record: dict) -> float:
+    from dare_mega.rewards.sandbox import Limits, run_python
+
+    blocks = re.findall(r"```(?:python)?\n(.*?)```", text, flags=re.S)
+    code = blocks[-1] if blocks else text
+    limits = Limits(wall_seconds=float(record.get("timeout", 5.0)))
+    return 1.0 if run_python(code + "\n\n" + record["tests"] + "\n", limits).ok else 0.0
+
+
+def score(name: str, text: str, record: dict, log=None) -> float:
+    """The reward, or 0 when the reward function itself fails (logged with the sample; the run goes on)."""
+    try:
+        return float(REWARDS[name](text, record))
+    except Exception as e:  # noqa: BLE001 - any failure of a reward function scores 0
+        if log is not None:
+            log(f"reward {name} failed on {record.get('_source', record.get('prompt', '?'))!r}: "
+                f"{type(e).__name__}: {e}; completion {text[:200]!r}; scored 0")
+        return 0.0

@@ -1,0 +1,230 @@
+"""RL for diffusion LLMs on Megatron-Core: `python -m dare_mega.trainer.rl --config FILE [section.key=value ...]`
+
+One step, as data:
+  prompts (this rank's share of the step's groups) -> native engine (weights of version v) -> completions with
+  trajectories -> rewards -> group advantages -> estimator rows -> policy update on Megatron -> weights into the
+  engine (version v + 1) -> next step.
+Rollouts are sharded over data-parallel ranks (whole groups per rank); tensor/pipeline ranks of one
+data-parallel group decode the same requests with the same seeds. Everything random is seeded by
+(run seed, step, global index), so a step is the same at any layout and after a resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from dare_mega.config import load_config, to_dict
+from dare_mega.errors import ConfigError, DareMegaError
+from dare_mega.trainer.config import RLConfig
+
+
+def task_records(cfg: RLConfig):
+    """(train records, held-out records, reward name)."""
+    from dare_mega.data.tasks import TASK_REWARDS, make_task
+    from dare_mega.rewards import check_fields
+
+    if cfg.task.name == "file":
+        from dare_mega.data.records import read_records
+
+        records = read_records(cfg.task.train)
+        heldout, train = records[: cfg.task.heldout], records[cfg.task.heldout :]
+        reward = cfg.task.reward or "math"
+    else:
+        train = make_task(cfg.task.name, cfg.task.train_prompts, seed=cfg.task.seed)
+        heldout = make_task(cfg.task.name, cfg.task.heldout, seed=cfg.task.seed + 1_000_003,
+                            exclude={r["prompt"] for r in train})
+        reward = cfg.task.reward or TASK_REWARDS[cfg.task.name]
+    if not train:
+        raise ConfigError("task: no training prompts left after the held-out split")
+    for i, record in enumerate(train + heldout):
+        if "prompt" not in record:
+            raise ConfigError(f"{record.get('_source', f'record {i}')}: needs a 'prompt'")
+        check_fields(reward, record, record.get("_source", f"record {i}"))
+    return train, heldout, reward
+
+
+def sampling(cfg: RLConfig, seeds, greedy: bool = False, max_new_tokens: int | None = None):
+    from dare_mega.rollout.types import SamplingParams
+
+    r = cfg.rollout
+    return SamplingParams(max_new_tokens=max_new_tokens or r.max_new_tokens, policy=r.policy, steps=r.steps,
+                          threshold=r.threshold, temperature=0.0 if greedy else r.temperature, top_k=r.top_k,
+                          top_p=r.top_p, seeds=tuple(seeds))
+
+
+def evaluate(engine, records, reward, cfg: RLConfig) -> dict:
+    """Held-out accuracy: greedy, and the mean over `eval.samples` samples at the rollout's temperature with fixed
+    seeds (what RL optimises). Every rank computes the same numbers."""
+    from dare_mega.rewards import score
+
+    prompts = [r["prompt"] for r in records]
+    greedy = engine.generate(prompts, sampling(cfg, range(len(records)), greedy=True,
+                                               max_new_tokens=cfg.eval.max_new_tokens), cache=cfg.rollout.cache)
+    k = cfg.eval.samples
+    sampled = engine.generate(prompts * k, sampling(cfg, [10_000_019 + i for i in range(len(records) * k)],
+                                                    max_new_tokens=cfg.eval.max_new_tokens), cache=cfg.rollout.cache)
+    return {
+        "greedy": sum(score(reward, c.text, r) for c, r in zip(greedy, records)) / len(records),
+        "sampled": sum(score(reward, c.text, r) for c, r in zip(sampled, records * k)) / (len(records) * k),
+    }
+
+
+def run(cfg: RLConfig) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from dare_mega.algorithms.estimators import Sample, build
+    from dare_mega.algorithms.policy import LossConfig, group_advantages
+    from dare_mega.algorithms.rl import policy_update
+    from dare_mega.checkpoint.torch_dist import load_into
+    from dare_mega.models.builder import build_from_hf, mapping_for
+    from dare_mega.models.runner import Runner, wrap_for_training
+    from dare_mega.models.transformer_config import RuntimeOptions
+    from dare_mega.parallel import destroy_distributed, init_distributed, init_model_parallel
+    from dare_mega.rewards import score
+    from dare_mega.rollout.engine import NativeEngine
+    from dare_mega.trainer import checkpoint as ckpt
+    from dare_mega.trainer.metrics import Metrics
+    from dare_mega.trainer.sft import build_optimizer, ensure_model_dir, preflight, training_meta
+    from dare_mega.weight_sync.gather import full_tensors
+
+    hf_dir = ensure_model_dir(cfg)
+    args, layout = preflight(cfg, hf_dir, int(os.environ.get("WORLD_SIZE", "1")), check_budget=False)
+    train, heldout, reward = task_records(cfg)
+    env = init_distributed()
+    init_model_parallel(layout, seed=cfg.train.seed)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if cfg.rollout.prompts_per_step % dp:
+        raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} is not divisible by the "
+                          f"{dp} data-parallel ranks")
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and env.device.type == "cuda") \
+        else torch.float32
+    chunks, args = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype), cfg.model.mask_token_id,
+                                 cfg.model.block_size)
+    if cfg.model.init:
+        load_into(chunks, cfg.model.init)
+    table = mapping_for(args)
+    chunks = wrap_for_training(chunks, distributed_optimizer=True)
+    optimizer, scheduler = build_optimizer(cfg, chunks, dtype)
+    runner = Runner(chunks, args)
+    engine = NativeEngine.from_pretrained(hf_dir, device=str(env.device))
+    engine.load_megatron_weights(full_tensors(chunks, args, table), version=0)
+
+    ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
+    start = 0
+    path = ckpt.latest(ckpt_dir) if cfg.checkpoint.resume == "auto" else (
+        None if cfg.checkpoint.resume == "none" else cfg.checkpoint.resume)
+    if path:
+        start, _ = ckpt.load(path, chunks, optimizer, scheduler)
+        engine.load_megatron_weights(full_tensors(chunks, args, table), version=start)
+    meta, assets = training_meta(hf_dir, args, layout, dtype, cfg.run_dir, env)
+
+    estimator = build(cfg.algorithm.estimator, args.diffusion.mask_token_id, mc=cfg.algorithm.mc)
+    a = cfg.algorithm
+    loss_cfg = LossConfig(a.eps_low, a.eps_high, a.dual_clip, a.kl_coef, a.kl_kind, a.tis_cap, a.spg_mix)
+    ref_runner = None
+    if a.kl_coef:
+        ref_chunks, _ = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype), cfg.model.mask_token_id,
+                                      cfg.model.block_size)
+        if cfg.model.init:
+            load_into(ref_chunks, cfg.model.init)
+        ref_runner = Runner(ref_chunks, args)
+    metrics = Metrics(cfg.run_dir, cfg.logging, cfg.train.steps, start, env.is_main, to_dict(cfg))
+    before = evaluate(engine, heldout, reward, cfg)
+    if env.is_main:
+        print(f"rl: {args.architecture} at {layout.describe()} on {env.world_size} process(es); task {cfg.task.name} "
+              f"(reward {reward}), estimator {estimator.name}; held-out accuracy {before}; "
+              f"starting at step {start}", flush=True)
+    per_rank = cfg.rollout.prompts_per_step // dp
+    n = cfg.rollout.n
+    for step in range(start + 1, cfg.train.steps + 1):
+        times = {}
+        clock = time.perf_counter()
+        chosen = random.Random(cfg.train.seed * 1_000_003 + step).sample(range(len(train)), cfg.rollout.prompts_per_step)
+        mine = chosen[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        first = dp_rank * per_rank * n  # this rank's first request in the step's global order
+        requests = [train[i] for i in mine for _ in range(n)]
+        seeds = [cfg.train.seed * 7919 + step * 100_003 + first + k for k in range(len(requests))]
+        completions = engine.generate([r["prompt"] for r in requests], sampling(cfg, seeds), cache=cfg.rollout.cache)
+        times["rollout"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        log = (lambda message: print(message, file=sys.stderr, flush=True)) if env.is_main else None
+        rewards = torch.tensor([score(reward, c.text, r, log) for c, r in zip(completions, requests)])
+        advantages = group_advantages(rewards, [k // n for k in range(len(requests))], a.advantage, a.std_normalize)
+        times["reward"] = time.perf_counter() - clock
+        samples = [Sample(c.prompt_ids, c.generated_ids, c.generated_reveal_steps, c.block_size,
+                          c.generated_logprobs, float(adv)) for c, adv in zip(completions, advantages)]
+        totals = torch.tensor([len(samples), sum(s.length for s in samples), float(rewards.sum()),
+                               float((rewards ** 2).sum()), float(sum(len(c.completion_ids) for c in completions))],
+                              dtype=torch.float64, device=env.device)
+        dist.all_reduce(totals, group=ps.get_data_parallel_group())
+        clock = time.perf_counter()
+        generators = [torch.Generator().manual_seed(cfg.train.seed * 104_729 + step * 100_003 + first + k)
+                      for k in range(len(samples))]
+        lr = optimizer.param_groups[0]["lr"]
+        stats = policy_update(runner, optimizer, estimator, samples, generators, loss_cfg, int(totals[0]),
+                              int(totals[1]), cfg.train.micro_batch_size, a.epochs, ref_runner,
+                              sp_multiple=layout.tp if layout.sp else 1,
+                              temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0)
+        scheduler.step(1)
+        times["update"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        engine.load_megatron_weights(full_tensors(chunks, args, table), version=step)
+        times["weight_refresh"] = time.perf_counter() - clock
+        local = torch.tensor([stats["loss"], stats["clipped"], stats["units"], stats["kl"], stats["rollout_gap"],
+                              stats["tis_tokens"], stats["tis_truncated"]], dtype=torch.float64, device=env.device)
+        dist.all_reduce(local, group=ps.get_data_parallel_group())
+        count, mean = totals[0].item(), totals[2].item() / totals[0].item()
+        seconds = sum(times.values())
+        record = {
+            "step": step, "loss": local[0].item(), "lr": lr, "grad_norm": stats["grad_norm"],
+            "reward_mean": mean, "reward_std": max(totals[3].item() / count - mean**2, 0.0) ** 0.5,
+            "accuracy": mean if reward != "code" else None, "response_length": totals[4].item() / count,
+            "clip_fraction": local[1].item() / max(local[2].item(), 1), "kl": local[3].item() / count,
+            "rollout_train_gap": local[4].item() / max(local[5].item(), 1),
+            "tis_truncated": local[6].item() / max(local[5].item(), 1),
+            "tokens_per_s": totals[4].item() / seconds, "seconds": seconds, "weight_version": step,
+            **{f"time_{k}": v for k, v in times.items()},
+        }
+        if cfg.eval.every and step % cfg.eval.every == 0:
+            record.update({f"heldout_{k}": v for k, v in evaluate(engine, heldout, reward, cfg).items()})
+        metrics.log(record | {"tokens_per_s": record["tokens_per_s"]})
+        if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
+            ckpt.save(ckpt_dir, step, chunks, optimizer, scheduler, {"step": step}, meta, assets,
+                      {"config": to_dict(cfg)}, cfg.checkpoint.keep)
+        if cfg.train.stop_after is not None and step >= cfg.train.stop_after:
+            break
+    after = evaluate(engine, heldout, reward, cfg)
+    metrics.close()
+    if env.is_main:
+        print(f"held-out greedy accuracy {before['greedy']:.4f} -> {after['greedy']:.4f}", flush=True)
+        print(f"accuracy_before_rl={before[cfg.eval.metric]:.4f} accuracy_after_rl={after[cfg.eval.metric]:.4f} "
+              f"heldout={len(heldout)}", flush=True)
+    destroy_distributed()
+    return {"before": before, "after": after}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dare_mega.trainer.rl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config")
+    p.add_argument("--resume")
+    p.add_argument("overrides", nargs="*")
+    options = p.parse_args(argv)
+    overrides = list(options.overrides) + ([f"checkpoint.resume={options.resume}"] if options.resume else [])
+    try:
+        run(load_config(RLConfig, options.config, overrides))
+    except DareMegaError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
