@@ -74,7 +74,12 @@ def policy_loss(estimator, q, q_old, samples, cfg: LossConfig, total_samples: in
 
     SPG weighs each sequence by its length: sum_seq (-A logp_seq |y|) / sum |y| (`total_length`, global)."""
     stats = {"clipped": 0.0, "units": 0.0, "kl": 0.0, "tis_mean": 0.0, "tis_truncated": 0.0, "tis_tokens": 0.0,
-             "rollout_gap": 0.0}
+             "rollout_gap": 0.0, "ratio_max_dev": 0.0}
+
+    def track(ratio):
+        if ratio.numel():
+            stats["ratio_max_dev"] = max(stats["ratio_max_dev"], float((ratio.detach() - 1).abs().max()))
+
     total = q[0].new_zeros(()) if q else torch.zeros(())
     weights = estimator.token_weights(samples) if estimator.level == "token" else None
     for i, s in enumerate(samples):
@@ -87,6 +92,7 @@ def policy_loss(estimator, q, q_old, samples, cfg: LossConfig, total_samples: in
             stats["units"] += 1
         elif estimator.level == "token":
             ratio = torch.exp(q[i] - q_old[i])
+            track(ratio)
             pg, clipped = dual_clip_pg(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
             if q_rollout is not None and q_rollout[i] is not None and cfg.tis_cap is not None:
                 gap = q_old[i] - q_rollout[i]
@@ -107,12 +113,14 @@ def policy_loss(estimator, q, q_old, samples, cfg: LossConfig, total_samples: in
         elif estimator.name == "bgpo":
             delta = q[i] - q_old[i]
             ratio = 1 + delta if s.advantage > 0 else torch.exp(delta)
+            track(ratio)
             pg, clipped = dual_clip_pg(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
             loss = pg.mean()
             stats["clipped"] += float(clipped.float().mean())
             stats["units"] += 1
         elif estimator.name == "ebpo":
             log_ratio = q[i] - q_old[i]
+            track(torch.exp(log_ratio))
             bound = math.log(1 + cfg.eps_high) if s.advantage >= 0 else math.log(1 - cfg.eps_low)
             clipped_log = torch.minimum(log_ratio, log_ratio.new_tensor(bound)) if s.advantage >= 0 else \
                 torch.maximum(log_ratio, log_ratio.new_tensor(bound))
@@ -121,6 +129,7 @@ def policy_loss(estimator, q, q_old, samples, cfg: LossConfig, total_samples: in
             stats["units"] += 1
         else:  # espo: sequence-level PPO clip on the normalised ELBO
             ratio = torch.exp(q[i] - q_old[i])
+            track(ratio)
             loss, clipped = dual_clip_pg(ratio, adv, cfg.eps_low, cfg.eps_high, None)
             stats["clipped"] += float(clipped)
             stats["units"] += 1

@@ -26,6 +26,7 @@ class RuntimeOptions:
     # None: no load-balancing loss (the parity default; SDAR's HF training leaves it off, output_router_logits
     # false). The HF config's router_aux_loss_coef is kept in MoEArgs.aux_loss_coef for recipes that want it.
     moe_aux_loss_coef: float | None = None
+    expert_bias_update_rate: float = 0.0  # routers with an expert bias: 0 keeps it fixed (RL default)
     init_weights: bool = True  # False: skip random init (weights are loaded next, or the model is on meta)
 
 
@@ -158,7 +159,7 @@ def transformer_config(args: ModelArgs, layout: ParallelLayout, options: Runtime
             moe_router_num_groups=moe.num_groups,
             moe_router_group_topk=moe.group_topk,
             moe_router_enable_expert_bias=moe.expert_bias,
-            moe_router_bias_update_rate=0.0 if moe.expert_bias else 1e-3,
+            moe_router_bias_update_rate=options.expert_bias_update_rate,
             moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size or None,
             moe_router_load_balancing_type="aux_loss" if aux > 0 else "none",
             moe_aux_loss_coeff=aux,

@@ -124,6 +124,24 @@ class NativeEngine:
         self.weight_version = version
         return count
 
+    def routed_experts(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                       chunk: int = 8) -> dict[int, torch.Tensor]:
+        """The experts this engine routes each token of a batch to: {layer: [B, S, topk]}; `mask` is the dense
+        boolean attention mask [B, 1 or none, S, S] (the trainer's rows, to compare with its own routing)."""
+        mask = mask.reshape(mask.shape[0], mask.shape[-2], mask.shape[-1])
+        out: dict[int, list[torch.Tensor]] = {}
+        for start in range(0, input_ids.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            self.model.routing_record = {}
+            try:
+                dev = self.model.device
+                self.model(input_ids[rows].to(dev), position_ids[rows].to(dev), mask[rows].to(dev), logits=False)
+                for layer, chosen in self.model.routing_record.items():
+                    out.setdefault(layer, []).append(chosen)
+            finally:
+                self.model.routing_record = None
+        return {layer: torch.cat(parts) for layer, parts in out.items()}
+
     # ---- generation ------------------------------------------------------------------------------------
     def encode(self, prompts) -> list[list[int]]:
         out = []

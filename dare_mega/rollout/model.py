@@ -56,6 +56,7 @@ class InferenceModel(torch.nn.Module):
         self.dtype = dtype
         self.device = torch.device(device)
         self.weights: dict[str, torch.Tensor] = {}
+        self.routing_record: dict[int, torch.Tensor] | None = None  # set to a dict to record chosen experts
         rot = int(args.head_dim * args.rotary_percent)
         self.rotary_dim = rot
         self.inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32, device=self.device) / rot)
@@ -185,6 +186,8 @@ class InferenceModel(torch.nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         chosen, weights = self._route(layer, flat)
+        if self.routing_record is not None:  # models/routing.py compares it with the trainer's routing
+            self.routing_record[layer] = chosen.view(*shape[:-1], -1).cpu()
         fc1, fc2 = self.w(f"{L}.experts.linear_fc1.weight"), self.w(f"{L}.experts.linear_fc2.weight")
         out = torch.zeros_like(flat, dtype=torch.float32)
         order = chosen.reshape(-1).argsort()

@@ -169,7 +169,9 @@ class AlgorithmSection:
     epochs: int = 1
     mc: int = 4  # Monte-Carlo rows per sample (bgpo, ebpo, espo, spg)
     spg_mix: float = 0.5
-    freeze_expert_bias: bool = True  # keep the MoE router's selection bias fixed during RL
+    freeze_expert_bias: bool = True  # keep the MoE router's selection bias fixed during RL (LLaDA2)
+    expert_bias_update_rate: float = 1.0e-3  # used when freeze_expert_bias is false (aux-loss-free balancing)
+    log_router_mismatch: bool = True  # MoE: fraction of (token, layer) whose experts differ, rollout vs train
 
 
 @dataclass

@@ -9,11 +9,13 @@ import os
 class Metrics:
     """Rank 0 writes; other ranks hold a disabled instance. wandb runs offline unless configured online."""
 
-    def __init__(self, run_dir: str, logging_cfg, total_steps: int, start_step: int, enabled: bool, config: dict):
+    def __init__(self, run_dir: str, logging_cfg, total_steps: int, start_step: int, enabled: bool, config: dict,
+                 name: str = "sft", postfix: tuple[str, ...] = ("loss", "tokens_per_s")):
         self.enabled = enabled
         self.file = None
         self.wandb = None
         self.bar = None
+        self.postfix = postfix
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -28,7 +30,7 @@ class Metrics:
         if logging_cfg.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="sft", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -39,7 +41,8 @@ class Metrics:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            shown = {k: record[k] for k in self.postfix if isinstance(record.get(k), (int, float))}
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

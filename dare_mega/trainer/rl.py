@@ -105,8 +105,9 @@ def run(cfg: RLConfig) -> dict:
                           f"{dp} data-parallel ranks")
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and env.device.type == "cuda") \
         else torch.float32
-    chunks, args = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype), cfg.model.mask_token_id,
-                                 cfg.model.block_size)
+    bias_rate = 0.0 if cfg.algorithm.freeze_expert_bias else cfg.algorithm.expert_bias_update_rate
+    chunks, args = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype, expert_bias_update_rate=bias_rate),
+                                 cfg.model.mask_token_id, cfg.model.block_size)
     if cfg.model.init:
         load_into(chunks, cfg.model.init)
     table = mapping_for(args)
@@ -135,13 +136,18 @@ def run(cfg: RLConfig) -> dict:
         if cfg.model.init:
             load_into(ref_chunks, cfg.model.init)
         ref_runner = Runner(ref_chunks, args)
-    metrics = Metrics(cfg.run_dir, cfg.logging, cfg.train.steps, start, env.is_main, to_dict(cfg))
+    metrics = Metrics(cfg.run_dir, cfg.logging, cfg.train.steps, start, env.is_main, to_dict(cfg), "rl",
+                      ("reward_mean", "loss", "clip_fraction", "tokens_per_s"))
     before = evaluate(engine, heldout, reward, cfg)
     if env.is_main:
         print(f"rl: {args.architecture} at {layout.describe()} on {env.world_size} process(es); task {cfg.task.name} "
               f"(reward {reward}), estimator {estimator.name}; held-out accuracy {before}; "
               f"starting at step {start}", flush=True)
     per_rank = cfg.rollout.prompts_per_step // dp
+    routing_probe = None
+    if a.log_router_mismatch and args.moe:
+        def routing_probe(batch):
+            return engine.routed_experts(batch.input_ids, batch.position_ids, batch.mask.dense())
     n = cfg.rollout.n
     for step in range(start + 1, cfg.train.steps + 1):
         times = {}
@@ -171,7 +177,8 @@ def run(cfg: RLConfig) -> dict:
         stats = policy_update(runner, optimizer, estimator, samples, generators, loss_cfg, int(totals[0]),
                               int(totals[1]), cfg.train.micro_batch_size, a.epochs, ref_runner,
                               sp_multiple=layout.tp if layout.sp else 1,
-                              temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0)
+                              temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
+                              engine_routing=routing_probe)
         scheduler.step(1)
         times["update"] = time.perf_counter() - clock
         clock = time.perf_counter()
@@ -180,6 +187,10 @@ def run(cfg: RLConfig) -> dict:
         local = torch.tensor([stats["loss"], stats["clipped"], stats["units"], stats["kl"], stats["rollout_gap"],
                               stats["tis_tokens"], stats["tis_truncated"]], dtype=torch.float64, device=env.device)
         dist.all_reduce(local, group=ps.get_data_parallel_group())
+        # routing counts: every rank counts its own tokens and layers (DP rows, SP slices, PP stages)
+        router = torch.tensor([stats.get("router_differ", 0), stats.get("router_tokens", 0)], dtype=torch.float64,
+                              device=env.device)
+        dist.all_reduce(router)
         count, mean = totals[0].item(), totals[2].item() / totals[0].item()
         seconds = sum(times.values())
         record = {
@@ -189,12 +200,13 @@ def run(cfg: RLConfig) -> dict:
             "clip_fraction": local[1].item() / max(local[2].item(), 1), "kl": local[3].item() / count,
             "rollout_train_gap": local[4].item() / max(local[5].item(), 1),
             "tis_truncated": local[6].item() / max(local[5].item(), 1),
+            "router_mismatch": router[0].item() / router[1].item() if router[1].item() else None,
             "tokens_per_s": totals[4].item() / seconds, "seconds": seconds, "weight_version": step,
             **{f"time_{k}": v for k, v in times.items()},
         }
         if cfg.eval.every and step % cfg.eval.every == 0:
             record.update({f"heldout_{k}": v for k, v in evaluate(engine, heldout, reward, cfg).items()})
-        metrics.log(record | {"tokens_per_s": record["tokens_per_s"]})
+        metrics.log(record)
         if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
             ckpt.save(ckpt_dir, step, chunks, optimizer, scheduler, {"step": step}, meta, assets,
                       {"config": to_dict(cfg)}, cfg.checkpoint.keep)
