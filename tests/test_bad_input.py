@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from dare_mega.errors import CheckpointError, ConfigError
 from dare_mega.models import builder
+from dare_mega.models.args import read_eos_ids
 from dare_mega.models.builder import build_from_hf, load_model_args
 from dare_mega.models.transformer_config import check_layout
 from dare_mega.parallel import ParallelLayout
@@ -104,6 +105,11 @@ def test_malformed_config_values(tiny_dir, tmp_path, no_model_built):
     json.dump({**cfg, "mask_token_id": 9999}, open(cfg_file, "w"))
     with pytest.raises(ConfigError, match="mask_token_id=9999 is outside the vocabulary"):
         build_from_hf(path, ParallelLayout())
+    json.dump({**cfg, "pad_token_id": 7, "mask_token_id": 7}, open(cfg_file, "w"))  # DARE's 30B recipe mistake
+    with pytest.raises(ConfigError, match="mask_token_id=7 is also the pad token"):
+        build_from_hf(path, ParallelLayout())
+    with pytest.raises(ConfigError, match="is also an end-of-text token"):
+        build_from_hf(path, ParallelLayout(), mask_token_id=read_eos_ids(cfg)[0])
     json.dump({**cfg, "hidden_act": "gelu"}, open(cfg_file, "w"))
     with pytest.raises(ConfigError, match="hidden_act='gelu'"):
         build_from_hf(path, ParallelLayout())

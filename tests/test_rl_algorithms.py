@@ -299,6 +299,28 @@ def test_every_estimator_is_registered_and_unknown_names_fail():
         build("grpo", 1)
 
 
+@pytest.mark.parametrize("name", ["trajectory", "coupled", "ebpo"])
+def test_packed_rows_give_the_padded_log_probs(setup, name):
+    """Packing several estimator rows into one sequence (kept apart by the mask, positions from 0) changes the
+    layout, not the numbers; `at_least` pads to a shape agreed across ranks without changing them either."""
+    _, runner, _, samples, mask_id = setup
+    estimator = build(name, mask_id, mc=3)
+    rows, _ = estimator.rows(samples, [torch.Generator().manual_seed(7 + i) for i in range(len(samples))])
+    padded = rows_to_batch(rows, BLOCK)
+    packed = rows_to_batch(rows, BLOCK, pack_tokens=48)
+    wider = rows_to_batch(rows, BLOCK, pack_tokens=48, at_least=(packed.batch.size + 1, 50))
+    assert padded.batch.size == len(rows.clean) and packed.batch.size < padded.batch.size
+    assert wider.batch.size == packed.batch.size + 1 and wider.batch.seq_len == 100
+    spans = sorted((row, offset, offset + length) for row, offset, length in packed.places)
+    assert all(a[0] != b[0] or a[2] <= b[1] for a, b in zip(spans, spans[1:]))  # no two rows overlap
+    reference = noisy_log_probs(runner, padded, 1)
+    for laid in (packed, wider):
+        lp = noisy_log_probs(runner, laid, 1)
+        assert lp.shape == reference.shape
+        assert_close(lp, reference)
+    assert float(reference.abs().sum()) > 0
+
+
 # ---- exact gradients through Megatron ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trainable(tiny_dir, world1):
@@ -313,10 +335,11 @@ def trainable(tiny_dir, world1):
     return Runner(wrapped, args), plain[0], args
 
 
-@pytest.mark.parametrize("name", ["trajectory", "d1", "coupled", "bgpo", "ebpo", "espo", "spg"])
-def test_policy_gradient_is_the_exact_gradient_of_the_loss(setup, trainable, name):
+@pytest.mark.parametrize("name,pack", [("trajectory", None), ("trajectory", 40), ("d1", None), ("coupled", None),
+                                       ("bgpo", None), ("ebpo", None), ("ebpo", 40), ("espo", None), ("spg", None)])
+def test_policy_gradient_is_the_exact_gradient_of_the_loss(setup, trainable, name, pack):
     """main_grad after `policy_gradient` equals autograd of the loss through a plain model, with clipping active
-    (old quantities perturbed), importance weights and the estimator's own weighting."""
+    (old quantities perturbed), importance weights and the estimator's own weighting; also with rows packed."""
     from dare_mega.algorithms.rl import policy_gradient
     from dare_mega.models.runner import vocab_parallel_log_probs
 
@@ -328,10 +351,12 @@ def test_policy_gradient_is_the_exact_gradient_of_the_loss(setup, trainable, nam
     cfg = LossConfig(eps_low=0.05, eps_high=0.05, tis_cap=1.5)
 
     rows, plan = estimator.rows(samples, generators())
-    batch = rows_to_batch(rows, BLOCK)
+    laid = rows_to_batch(rows, BLOCK, row_multiple=2, pack_tokens=pack)
+    batch = laid.batch
     n = batch.seq_len // 2
+    assert pack is None or batch.size < len(rows.clean)  # several rows share a sequence
     with torch.no_grad():
-        lp = noisy_log_probs(runner, batch, 1).double()
+        lp = noisy_log_probs(runner, laid, 1).double()
     q_true = estimator.quantities(lp, plan)
     shift = torch.Generator().manual_seed(3)
     # moved against the advantage's sign by random amounts: some ratios leave the trust region, some stay
@@ -339,12 +364,12 @@ def test_policy_gradient_is_the_exact_gradient_of_the_loss(setup, trainable, nam
              for q, s in zip(q_true, samples)]
 
     stats, _ = policy_gradient(runner, estimator, samples, generators(), cfg, len(samples), total_length,
-                               micro_batch_size=2, q_old=[q.float() for q in q_old])
+                               micro_batch_size=2, q_old=[q.float() for q in q_old], pack_tokens=pack)
     assert name == "spg" or (stats["ratio_max_dev"] > 0 and stats["clipped"] > 0)  # SPG has no ratio
 
     plain.zero_grad()
     logits = plain(batch.input_ids, batch.position_ids, batch.mask)
-    direct_lp = vocab_parallel_log_probs(logits, batch.labels, args.vocab_size)[:, :n]
+    direct_lp = laid.unpack(vocab_parallel_log_probs(logits, batch.labels, args.vocab_size)[:, :n])
     q_rollout = [torch.tensor(s.rollout_logprobs) for s in samples] if name == "trajectory" else None
     loss, _ = policy_loss(estimator, estimator.quantities(direct_lp, plan), [q.float() for q in q_old], samples, cfg,
                           len(samples), q_rollout=q_rollout, total_length=total_length)

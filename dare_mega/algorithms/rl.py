@@ -13,6 +13,9 @@ same rollout (`epochs` > 1) recompute lp with the updated weights and the same n
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 
 from dare_mega.algorithms.estimators import Rows
@@ -22,99 +25,167 @@ from dare_mega.models.routing import mismatch_counts, record_megatron_routing
 from dare_mega.models.runner import Batch
 
 
-def rows_to_batch(rows: Rows, block_size: int, multiple: int = 1, row_multiple: int = 1) -> Batch:
-    """Pad the rows to one length (a multiple of `multiple`, for sequence parallelism) in the two-stream layout;
-    each row's padding is a separate sample that nothing attends to. Empty rows are added up to a multiple of
-    `row_multiple` (the micro-batch size: Megatron's schedules want equal micro-batches)."""
-    rows = Rows(list(rows.noisy), list(rows.clean), list(rows.sample))
-    while len(rows.clean) % max(1, row_multiple):
-        rows.noisy.append(torch.zeros(1, dtype=torch.long))
-        rows.clean.append(torch.zeros(1, dtype=torch.long))
-        rows.sample.append(-1)
+@dataclass
+class RowBatch:
+    """Estimator rows laid out for Megatron: `batch` holds packed rows (several estimator rows per sequence,
+    kept apart by the mask) and `places[i]` = (packed row, offset, length) of estimator row i."""
+
+    batch: Batch
+    places: list[tuple[int, int, int]]
+    width: int  # the longest estimator row
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """[packed rows, n] (one stream) -> [estimator rows, width], zero past each row's end."""
+        out = packed.new_zeros(len(self.places), self.width)
+        for i, (row, offset, length) in enumerate(self.places):
+            out[i, :length] = packed[row, offset : offset + length]
+        return out
+
+    def pack(self, per_row: torch.Tensor) -> torch.Tensor:
+        """The inverse layout: [estimator rows, width] -> [packed rows, n]."""
+        out = per_row.new_zeros(self.batch.size, self.batch.seq_len // 2)
+        for i, (row, offset, length) in enumerate(self.places):
+            out[row, offset : offset + length] = per_row[i, :length]
+        return out
+
+
+def rows_to_batch(rows: Rows, block_size: int, multiple: int = 1, row_multiple: int = 1,
+                  pack_tokens: int | None = None, at_least: tuple[int, int] = (0, 0)) -> RowBatch:
+    """Lay the rows out in the two-stream layout. With `pack_tokens`, rows are packed first-fit-decreasing
+    into sequences of up to max(pack_tokens, longest row) tokens per stream (each row its own sample, with
+    positions from 0, so no row sees another); without it each row is one sequence, padded to the longest.
+    Lengths are rounded up to a multiple of `multiple` (sequence parallelism); the padding is a separate
+    sample that nothing attends to. Empty sequences are added up to a multiple of `row_multiple` (Megatron's
+    schedules want equal micro-batches). `at_least` = (sequences, length) pads further, so that every rank
+    runs the same number of micro-batches of one length (expert-parallel all-to-alls span data-parallel ranks)."""
     lengths = [len(r) for r in rows.clean]
-    n = max(lengths)
+    width = max(lengths)
+    capacity = max(pack_tokens or 0, width)
+    bins: list[list[int]] = []  # estimator row indices per packed row
+    fill: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]) if pack_tokens else range(len(lengths)):
+        target = next((b for b, used in enumerate(fill) if used + lengths[i] <= capacity), None) if pack_tokens else None
+        if target is None:
+            bins.append([]), fill.append(0)
+            target = len(bins) - 1
+        bins[target].append(i)
+        fill[target] += lengths[i]
+    while len(bins) < at_least[0] or len(bins) % max(1, row_multiple):
+        bins.append([]), fill.append(0)
+    n = max(max(fill), 1, at_least[1])
     n += -n % max(1, multiple)
-    noisy = torch.zeros(len(lengths), n, dtype=torch.long)
-    clean = torch.zeros(len(lengths), n, dtype=torch.long)
-    for i, (a, b) in enumerate(zip(rows.noisy, rows.clean)):
-        noisy[i, : len(a)], clean[i, : len(b)] = a, b
-    positions = packed_position_ids([[length] for length in lengths], n)
+    noisy = torch.zeros(len(bins), n, dtype=torch.long)
+    clean = torch.zeros(len(bins), n, dtype=torch.long)
+    places: list = [None] * len(lengths)
+    for b, members in enumerate(bins):
+        offset = 0
+        for i in members:
+            noisy[b, offset : offset + lengths[i]], clean[b, offset : offset + lengths[i]] = rows.noisy[i], rows.clean[i]
+            places[i] = (b, offset, lengths[i])
+            offset += lengths[i]
+    positions = packed_position_ids([[lengths[i] for i in members] for members in bins], n)
     input_ids, position_ids = two_stream_inputs(noisy, clean, positions)
-    return Batch(input_ids, position_ids, two_stream_mask(positions, block_size), labels=torch.cat([clean, clean], 1),
-                 loss_weights=torch.zeros(len(lengths), 2 * n), loss_normalizer=torch.zeros(len(lengths), dtype=torch.long))
+    batch = Batch(input_ids, position_ids, two_stream_mask(positions, block_size), labels=torch.cat([clean, clean], 1),
+                  loss_weights=torch.zeros(len(bins), 2 * n), loss_normalizer=torch.zeros(len(bins), dtype=torch.long))
+    return RowBatch(batch, places, width)
 
 
-def noisy_log_probs(runner, batch: Batch, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
-    n = batch.seq_len // 2
-    return runner.token_log_probs(batch, micro_batch_size, temperature)[:, :n].float().cpu()
+def noisy_log_probs(runner, rows: RowBatch, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """log p(clean token) in each estimator row's noisy stream: [estimator rows, width]."""
+    n = rows.batch.seq_len // 2
+    return rows.unpack(runner.token_log_probs(rows.batch, micro_batch_size, temperature)[:, :n].float().cpu())
+
+
+def _max_over_ranks(shape: tuple[int, int]) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return shape
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(shape, dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t[0]), int(t[1])
 
 
 def policy_gradient(runner, estimator, samples, generators: list[torch.Generator], cfg: LossConfig,
                     total_samples: int, total_length: int, micro_batch_size: int = 1, ref_runner=None,
-                    sp_multiple: int = 1, temperature: float = 1.0, q_old=None, prepared=None, engine_routing=None):
+                    sp_multiple: int = 1, temperature: float = 1.0, q_old=None, prepared=None, engine_routing=None,
+                    pack_tokens: int | None = None):
     """Gradients of the policy loss into the model's main_grad (no optimizer step).
 
     `engine_routing(batch)` (MoE only): the rollout engine's experts for the rows, {layer: [B, S, topk]}; when
     given, stats get `router_differ` / `router_tokens` (models/routing.py) from the first forward.
 
-    Returns (stats, prepared): `prepared` (rows, batch, plan, q_old, q_ref, q_rollout) lets further epochs over
+    `pack_tokens`: pack the estimator's rows into sequences of that many tokens per stream (rows_to_batch).
+
+    Returns (stats, prepared): `prepared` (laid-out rows, plan, q_old, q_ref, q_rollout) lets further epochs over
     the same rollout reuse the noise and the old quantities."""
+    clock = time.perf_counter()
     if prepared is None:
         rows, plan = estimator.rows(samples, generators)
-        batch = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size)
+        laid = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size, pack_tokens)
+        shape = _max_over_ranks((laid.batch.size, laid.batch.seq_len // 2))
+        if shape != (laid.batch.size, laid.batch.seq_len // 2):
+            laid = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size, pack_tokens, shape)
         routing = {}
         if engine_routing is not None and runner.args.moe:
             with record_megatron_routing(runner.chunks) as record:
-                lp = noisy_log_probs(runner, batch, micro_batch_size, temperature)
-            counted = torch.zeros(batch.size, batch.seq_len, dtype=torch.bool)  # the noisy stream of real rows
-            for i, clean in enumerate(rows.clean):
-                counted[i, : len(clean)] = rows.sample[i] >= 0
-            differ, total = mismatch_counts(record, engine_routing(batch), counted, micro_batch_size)
+                lp = noisy_log_probs(runner, laid, micro_batch_size, temperature)
+            counted = torch.zeros(laid.batch.size, laid.batch.seq_len, dtype=torch.bool)  # noisy streams of rows
+            counted[:, : laid.batch.seq_len // 2] = laid.pack(torch.ones(len(laid.places), laid.width)).bool()
+            differ, total = mismatch_counts(record, engine_routing(laid.batch), counted, micro_batch_size)
             routing = {"router_differ": differ, "router_tokens": total}
         else:
-            lp = noisy_log_probs(runner, batch, micro_batch_size, temperature)
+            lp = noisy_log_probs(runner, laid, micro_batch_size, temperature)
         if q_old is None:
             q_old = [q.detach() for q in estimator.quantities(lp, plan)]
         q_ref = None
         if ref_runner is not None and cfg.kl_coef:
-            ref_lp = noisy_log_probs(ref_runner, batch, micro_batch_size, temperature)
+            ref_lp = noisy_log_probs(ref_runner, laid, micro_batch_size, temperature)
             q_ref = [q.detach() for q in estimator.quantities(ref_lp, plan)]
         q_rollout = None
         if estimator.name == "trajectory":
             q_rollout = [torch.tensor(s.rollout_logprobs) if s.rollout_logprobs is not None else None for s in samples]
     else:
-        batch, plan, q_old, q_ref, q_rollout = prepared
-        lp = noisy_log_probs(runner, batch, micro_batch_size, temperature)
+        laid, plan, q_old, q_ref, q_rollout = prepared
+        lp = noisy_log_probs(runner, laid, micro_batch_size, temperature)
         routing = {}
+    seconds_logprob = time.perf_counter() - clock
     leaf = lp.detach().clone().requires_grad_(True)
     q = estimator.quantities(leaf, plan)
     loss, stats = policy_loss(estimator, q, q_old, samples, cfg, total_samples, q_ref, q_rollout, total_length)
     coef = torch.autograd.grad(loss, leaf, allow_unused=True)[0] if loss.requires_grad else None
     if coef is None:
         coef = torch.zeros_like(leaf)
+    batch = laid.batch
     surrogate = Batch(batch.input_ids, batch.position_ids, batch.mask, batch.labels,
-                      loss_weights=torch.cat([-coef, torch.zeros_like(coef)], dim=1),
+                      loss_weights=torch.cat([-laid.pack(coef), torch.zeros(batch.size, batch.seq_len // 2)], dim=1),
                       loss_normalizer=torch.zeros(batch.size, dtype=torch.long))
     runner.loss_and_grads(surrogate, micro_batch_size, temperature)
-    stats.update(loss=float(loss.detach()), rows=batch.size, **routing)
-    return stats, (batch, plan, q_old, q_ref, q_rollout)
+    stats.update(loss=float(loss.detach()), rows=len(laid.places), packed_rows=batch.size,
+                 padding=1.0 - sum(p[2] for p in laid.places) / (batch.size * batch.seq_len // 2),
+                 seconds_logprob=seconds_logprob, **routing)
+    return stats, (laid, plan, q_old, q_ref, q_rollout)
 
 
 def policy_update(runner, optimizer, estimator, samples, generators: list[torch.Generator], cfg: LossConfig,
                   total_samples: int, total_length: int, micro_batch_size: int = 1, epochs: int = 1,
-                  ref_runner=None, sp_multiple: int = 1, temperature: float = 1.0, engine_routing=None) -> dict:
+                  ref_runner=None, sp_multiple: int = 1, temperature: float = 1.0, engine_routing=None,
+                  pack_tokens: int | None = None) -> dict:
     """Update the policy on this rank's samples (`epochs` optimizer steps over the same rollout and noise);
     returns the loss (this rank's share) and statistics.
 
     Log-probs are taken at the rollout's sampling temperature, so that the policy trained is the one that
     sampled (and the rollout's own log-probs are comparable)."""
-    prepared, stats, routing = None, {}, {}
+    prepared, stats, routing, seconds_logprob = None, {}, {}, 0.0
     for _ in range(epochs):
         optimizer.zero_grad()
         stats, prepared = policy_gradient(runner, estimator, samples, generators, cfg, total_samples, total_length,
                                           micro_batch_size, ref_runner, sp_multiple, temperature, prepared=prepared,
-                                          engine_routing=engine_routing if prepared is None else None)
+                                          engine_routing=engine_routing if prepared is None else None,
+                                          pack_tokens=pack_tokens)
+        seconds_logprob += stats["seconds_logprob"]
         routing = routing or {k: stats[k] for k in ("router_differ", "router_tokens") if k in stats}
         ok, grad_norm, _ = optimizer.step()
         stats.update(grad_norm=float(grad_norm) if grad_norm is not None else None, skipped=not ok)
-    return stats | routing
+    return stats | routing | {"seconds_logprob": seconds_logprob}

@@ -108,6 +108,14 @@ def read_mask_token(cfg: dict, source: str, override: int | None, default: int, 
     mask = override if override is not None else cfg.get("mask_token_id", default)
     if not 0 <= mask < vocab:
         raise ConfigError(f"{source}: mask_token_id={mask} is outside the vocabulary (vocab_size={vocab})")
+    # DARE's SDAR-30B-A3B recipe passed 151643 (<|endoftext|>, the pad/EOS id) as the mask: training would
+    # then teach the model to "denoise" end-of-text tokens. A mask id that is the pad or a stop id is refused.
+    specials = {"pad_token_id": cfg.get("pad_token_id"), "eos_token_id": read_eos_ids(cfg)}
+    names = {"pad_token_id": "the pad", "eos_token_id": "an end-of-text"}
+    for key, value in specials.items():
+        if mask == value or (isinstance(value, tuple) and mask in value):
+            raise ConfigError(f"{source}: mask_token_id={mask} is also {names[key]} token ({key}={value}); "
+                              f"the mask token must be its own token")
     return mask
 
 

@@ -186,7 +186,10 @@ class EvalSection:
 class RLTrainSection:
     steps: int = 20
     seed: int = 1234
-    micro_batch_size: int = 4  # estimator rows per micro-batch
+    # estimator rows are packed into sequences of up to pack_tokens tokens per stream (0: one row per sequence,
+    # padded to the longest); micro_batch_size counts those sequences
+    pack_tokens: int = 4096
+    micro_batch_size: int = 1
     stop_after: int | None = None
 
 
@@ -213,6 +216,8 @@ class RLConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{source}: {key}={value} must be >= 1")
+        if self.train.pack_tokens < 0:
+            raise ConfigError(f"{source}: train.pack_tokens={self.train.pack_tokens} must be >= 0 (0: no packing)")
         if self.task.name == "file" and not self.task.train:
             raise ConfigError(f"{source}: task.name=file needs task.train (a JSONL or Parquet path)")
         if self.optim.lr <= 0:

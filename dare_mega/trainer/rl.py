@@ -178,9 +178,10 @@ def run(cfg: RLConfig) -> dict:
                               int(totals[1]), cfg.train.micro_batch_size, a.epochs, ref_runner,
                               sp_multiple=layout.tp if layout.sp else 1,
                               temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
-                              engine_routing=routing_probe)
+                              engine_routing=routing_probe, pack_tokens=cfg.train.pack_tokens or None)
         scheduler.step(1)
-        times["update"] = time.perf_counter() - clock
+        times["logprob"] = stats["seconds_logprob"]
+        times["update"] = time.perf_counter() - clock - times["logprob"]
         clock = time.perf_counter()
         engine.load_megatron_weights(full_tensors(chunks, args, table), version=step)
         times["weight_refresh"] = time.perf_counter() - clock
@@ -201,7 +202,7 @@ def run(cfg: RLConfig) -> dict:
             "rollout_train_gap": local[4].item() / max(local[5].item(), 1),
             "tis_truncated": local[6].item() / max(local[5].item(), 1),
             "router_mismatch": router[0].item() / router[1].item() if router[1].item() else None,
-            "tokens_per_s": totals[4].item() / seconds, "seconds": seconds, "weight_version": step,
+            "padding": stats["padding"], "tokens_per_s": totals[4].item() / seconds, "seconds": seconds, "weight_version": step,
             **{f"time_{k}": v for k, v in times.items()},
         }
         if cfg.eval.every and step % cfg.eval.every == 0:

@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""One RL step, phase by phase, and the cached + packed pipeline against the no-cache + padded one.
+
+    python benchmarks/rl_step.py [--steps 3] [--prompts 4] [--n 4] [--max-new-tokens 64] [--estimator trajectory]
+
+Runs the real trainer (`python -m dare_mega.trainer.rl`, one process) on a small SDAR-MoE made by the script
+(random weights: every completion runs to its length limit or a sampled end-of-text, so lengths vary as in
+real RL), for each variant:
+
+  cached+packed    rollout with the block KV cache; estimator rows packed into sequences (train.pack_tokens)
+  cached+padded    the cache, rows padded to the longest (one row per sequence)
+  nocache+padded   no cache (every denoising forward recomputes the whole prefix), rows padded
+
+and reads the per-phase times (rollout, reward, logprob, update, weight_refresh) from metrics.jsonl, skipping
+the first step (warm-up). Result: benchmarks/results/rl_step-<device>.json; docs/benchmarks.md keeps the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHASES = ("rollout", "reward", "logprob", "update", "weight_refresh")
+VARIANTS = {
+    "cached+packed": ["rollout.cache=true", "train.pack_tokens=1024", "train.micro_batch_size=1"],
+    "cached+padded": ["rollout.cache=true", "train.pack_tokens=0", "train.micro_batch_size=8"],
+    "nocache+padded": ["rollout.cache=false", "train.pack_tokens=0", "train.micro_batch_size=8"],
+}
+
+
+def model_config() -> dict:
+    from dare_mega.models.presets import load_preset
+
+    cfg = load_preset("tiny-sdar-moe")
+    cfg.update(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512,
+               num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+               max_position_embeddings=4096)
+    return cfg
+
+
+def run_variant(name: str, hf: str, workdir: str, args) -> dict:
+    run_dir = os.path.join(workdir, name.replace("+", "_"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port",
+               str(args.port), "-m", "dare_mega.trainer.rl", "--config", "configs/recipes/rl_tiny_sdar_moe.yaml",
+               f"run_dir={run_dir}", f"model.hf={hf}", "task.name=countdown", f"train.steps={args.steps}",
+               f"rollout.prompts_per_step={args.prompts}", f"rollout.n={args.n}",
+               f"rollout.max_new_tokens={args.max_new_tokens}", f"algorithm.estimator={args.estimator}",
+               "task.heldout=1", "eval.samples=1", "eval.max_new_tokens=4", "checkpoint.every=1000",
+               "logging.progress=false", *VARIANTS[name]]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
+    steps = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    timed = steps[1:] or steps  # the first step warms up allocators and caches
+    phases = {p: sum(s[f"time_{p}"] for s in timed) / len(timed) for p in PHASES}
+    return {"phases_s": phases, "step_s": sum(phases.values()),
+            "response_length": sum(s["response_length"] for s in timed) / len(timed),
+            "padding": sum(s["padding"] for s in timed) / len(timed), "steps_timed": len(timed)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--estimator", default="trajectory")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--port", type=int, default=29531)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    args = p.parse_args()
+
+    import torch
+
+    from dare_mega.checkpoint.tiny import make_tiny_checkpoint
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        hf = os.path.join(workdir, "model")
+        make_tiny_checkpoint(hf, preset=model_config(), max_shard_bytes=1 << 30)
+        for name in args.variants.split(","):
+            results[name] = run_variant(name, hf, workdir, args)
+            r = results[name]
+            print(f"{name:15s} step {r['step_s']:.2f} s  " + "  ".join(f"{k} {v:.2f}" for k, v in r["phases_s"].items())
+                  + f"  response {r['response_length']:.1f}  padding {r['padding']:.2f}", flush=True)
+    speedup = None
+    if {"cached+packed", "nocache+padded"} <= results.keys():
+        speedup = results["nocache+padded"]["step_s"] / results["cached+packed"]["step_s"]
+        print(f"end-to-end speedup, cached+packed over nocache+padded: {speedup:.2f}x")
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'x86_64'}, "
+           f"{args.threads} threads)", "model": {k: model_config()[k] for k in ("hidden_size", "num_hidden_layers",
+           "num_experts", "num_experts_per_tok", "block_size")}, "settings": vars(args), "variants": results,
+           "speedup_end_to_end": speedup}
+    os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
+    path = os.path.join(REPO, "benchmarks", "results", f"rl_step-{device}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""The RL loop end to end: the default example learns, layouts agree on a step, the code sandbox holds, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import REPO, clean_env, free_port, torchrun
+
+from dare_mega.rewards import score
+from dare_mega.rewards.verifiers import REWARDS
+
+RL_RECIPE = "configs/recipes/rl_tiny_sdar_moe.yaml"
+
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory):
+    """`bash examples/rl_sdar_moe.sh` with no variables but RUN_DIR: SFT warm-up then RL on the tiny SDAR-MoE."""
+    run_dir = tmp_path_factory.mktemp("example")
+    env = clean_env(RUN_DIR=str(run_dir), MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2")
+    proc = subprocess.run(["bash", "examples/rl_sdar_moe.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return run_dir, proc.stdout
+
+
+@pytest.mark.distributed
+def test_default_example_improves_heldout_accuracy(example_run):
+    run_dir, stdout = example_run
+    last = stdout.strip().splitlines()[-1]
+    fields = dict(item.split("=") for item in last.split())
+    assert set(fields) == {"accuracy_before_rl", "accuracy_after_rl", "heldout"}, last
+    before, after = float(fields["accuracy_before_rl"]), float(fields["accuracy_after_rl"])
+    assert int(fields["heldout"]) > 0
+    assert after > before + 0.05, last  # a real learning signal on held-out prompts
+    records = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1)) and len(records) >= 10
+    wanted = {"reward_mean", "reward_std", "accuracy", "response_length", "kl", "clip_fraction", "rollout_train_gap",
+              "tokens_per_s", "time_rollout", "time_reward", "time_logprob", "time_update", "time_weight_refresh",
+              "weight_version", "router_mismatch", "grad_norm", "loss", "padding"}
+    assert wanted <= set(records[0]), wanted - set(records[0])
+    assert all(r["weight_version"] == r["step"] for r in records)
+    assert all(r["rollout_train_gap"] < 1e-4 for r in records)  # the engine and Megatron agree on log-probs
+    assert all(r["router_mismatch"] is not None and r["router_mismatch"] < 0.01 for r in records)
+    first, later = records[0]["reward_mean"], sum(r["reward_mean"] for r in records[-10:]) / 10
+    assert later > first, (first, later)
+
+
+@pytest.mark.distributed
+def test_llada2_example_runs_the_same_pipeline(tmp_path):
+    """examples/rl_llada2_mini.sh: the same pipeline on the tiny LLaDA2-MoE (shortened here; the sigmoid router's
+    expert bias stays frozen during RL and the engine routes as the trainer does)."""
+    env = clean_env(RUN_DIR=str(tmp_path), MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2", SFT_STEPS="4",
+                    RL_STEPS="2")
+    proc = subprocess.run(["bash", "examples/rl_llada2_mini.sh", "task.heldout=4", "eval.samples=1"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "LLaDA2MoeModelLM" in proc.stdout
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("accuracy_before_rl=") and last.endswith("heldout=4"), last
+    records = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["rollout_train_gap"] < 1e-4 and r["router_mismatch"] < 0.01 for r in records)
+
+
+def rl(nproc: int, run_dir, *overrides, timeout=900):
+    args = ["-m", "dare_mega.trainer.rl", "--config", RL_RECIPE, f"run_dir={run_dir}", "logging.progress=false",
+            *overrides]
+    return torchrun(nproc, args, timeout=timeout)
+
+
+@pytest.mark.distributed
+def test_one_step_agrees_across_layouts(example_run, tmp_path):
+    """One RL step (rollout, rewards, trajectory estimator, update) at TP=2 x EP=2 on 4 processes equals the
+    same step on one process: the loss, the gradient norm and every updated weight. Adam with eps=1 makes the
+    first update smooth in the gradient, so the weights compare the gradients, not only their signs."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from dare_mega.checkpoint.torch_dist import TorchDistReader
+
+    example_dir, _ = example_run
+    init = sorted((example_dir / "sft" / "checkpoints").glob("step_*"))[-1]
+    common = [f"model.init={init}", "train.steps=1", "rollout.prompts_per_step=4", "rollout.n=4",
+              "task.heldout=4", "eval.samples=1", "optim.lr=0.5", "optim.eps=1.0", "checkpoint.every=1",
+              "train.micro_batch_size=1", "train.pack_tokens=64"]
+    runs = {"tp1": (1, []), "tp2ep2": (4, ["parallel.tp=2", "parallel.ep=2"])}
+    for name, (nproc, layout) in runs.items():
+        proc = rl(nproc, tmp_path / name, *common, *layout)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+    one, four = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()][0] for n in runs)
+    assert one["reward_std"] > 0 and one["grad_norm"] > 0  # the step learns something
+    assert one["reward_mean"] == four["reward_mean"] and one["response_length"] == four["response_length"]
+    assert abs(one["loss"] - four["loss"]) <= 1e-5 * max(1.0, abs(one["loss"]))
+    assert abs(one["grad_norm"] - four["grad_norm"]) <= 1e-5 * max(1.0, one["grad_norm"])
+    assert four["router_mismatch"] < 0.01
+    readers = [TorchDistReader(str(sorted((tmp_path / n / "checkpoints").glob("step_*"))[-1])) for n in runs]
+    start = TorchDistReader(str(init))
+    keys = [k for k, v in readers[0].metadata.state_dict_metadata.items()
+            if not k.startswith("optimizer") and isinstance(v, TensorStorageMetadata)]
+    assert keys and set(keys) <= set(readers[1].metadata.state_dict_metadata)
+    worst = moved = 0.0
+    for key in keys:
+        a, b = readers[0].read(key), readers[1].read(key)
+        if a.is_floating_point():
+            worst = max(worst, float((a.float() - b.float()).abs().max()))
+            moved = max(moved, float((a.float() - start.read(key).float()).abs().max()))
+    assert moved > 1e-3  # the weights did change
+    assert worst <= 1e-5, worst
+
+
+# ---- the code sandbox ------------------------------------------------------------------------------------
+GOOD = "```python\ndef add(a, b):\n    return a + b\n```"
+TESTS = {"tests": "assert add(2, 3) == 5", "prompt": "write add"}
+
+
+class Listener:
+    """A loopback TCP server that records whether anything connected."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connected = False
+        self.stop = False
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while not self.stop:
+            try:
+                conn, _ = self.sock.accept()
+                self.connected = True
+                conn.close()
+            except OSError:
+                pass
+
+    def close(self):
+        self.stop = True
+        self.thread.join()
+        self.sock.close()
+
+
+def test_sandbox_scores_a_correct_solution():
+    assert score("code", GOOD, TESTS) == 1.0
+    assert score("code", GOOD.replace("a + b", "a - b"), TESTS) == 0.0
+
+
+@pytest.mark.parametrize("case", ["infinite loop", "fork bomb", "10 GB allocation", "write outside", "network",
+                                  "100 MB print", "subprocess", "busy children"])
+def test_sandbox_stops_hostile_code(case, tmp_path):
+    outside = tmp_path / "escaped.txt"
+    listener = Listener()
+    programs = {
+        "infinite loop": "while True:\n    pass",
+        "fork bomb": "import os\nwhile True:\n    os.fork()",
+        "10 GB allocation": "x = bytearray(10 * 1024 ** 3)",
+        "write outside": f"open({str(outside)!r}, 'w').write('x')",
+        "network": f"import socket\nsocket.create_connection(('127.0.0.1', {listener.port}), timeout=2)",
+        "100 MB print": "import sys\nsys.stdout.write('x' * (100 * 1024 ** 2))",
+        "subprocess": f"import subprocess\nsubprocess.run(['touch', {str(outside)!r}])",
+        "busy children": "import multiprocessing\n[multiprocessing.Process(target=lambda: None).start() for _ in "
+                         "range(1000)]",
+    }
+    code = "```python\n" + programs[case] + "\ndef add(a, b):\n    return a + b\n```"
+    started = time.monotonic()
+    try:
+        value = score("code", code, {**TESTS, "timeout": 3})
+    finally:
+        listener.close()
+    assert value == 0.0
+    assert time.monotonic() - started < 30
+    assert not outside.exists() and not listener.connected
+    assert score("code", GOOD, TESTS) == 1.0  # and the caller goes on
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+def run_cli(tmp_path, *overrides):
+    return subprocess.run([sys.executable, "-m", "dare_mega.trainer.rl", "--config", RL_RECIPE,
+                           f"run_dir={tmp_path / 'run'}", *overrides], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_prompts_without_the_reward_field(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2="}) + "\n")
+    proc = run_cli(tmp_path, "task.name=file", f"task.train={data}", "task.reward=math", "task.heldout=1")
+    assert proc.returncode == 2
+    assert "prompts.jsonl" in proc.stderr and "needs field(s) answer" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_unknown_algorithm_and_reward(tmp_path):
+    proc = run_cli(tmp_path, "algorithm.estimator=grpo")
+    assert proc.returncode == 2 and "algorithm.estimator" in proc.stderr and "trajectory" in proc.stderr
+    proc = run_cli(tmp_path, "task.reward=bleu")
+    assert proc.returncode == 2 and "reward 'bleu'" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_raising_reward_is_logged_and_scored_zero():
+    def broken(text, record):
+        raise KeyError("expected_output")
+
+    REWARDS["broken"] = broken
+    messages = []
+    try:
+        value = score("broken", "the completion", {"prompt": "the prompt"}, messages.append)
+    finally:
+        del REWARDS["broken"]
+    assert value == 0.0
+    assert len(messages) == 1 and "the prompt" in messages[0] and "KeyError" in messages[0]
+    assert "the completion" in messages[0]
+
+
+def test_rewards():
+    assert score("math", "so the answer is \\boxed{\\frac{1}{2}}", {"answer": "0.5"}) == 1.0
+    assert score("math", "it is 12 apples, then 14", {"answer": "14"}) == 1.0
+    assert score("math", "\\boxed{3}", {"answer": "4"}) == 0.0
+    assert score("countdown", "(6 - 2) * 5 = 20", {"numbers": [2, 5, 6], "target": 20}) == 1.0
+    assert score("countdown", "6 * 5 - 2 * 5", {"numbers": [2, 5, 6], "target": 20}) == 0.0  # 5 used twice
+    assert score("countdown", "__import__('os')", {"numbers": [1], "target": 1}) == 0.0
+    grid = "1234341221434321"
+    assert score("sudoku", " ".join(grid), {"puzzle": "1004300220004001"}) == 1.0
+    assert score("sudoku", grid, {"puzzle": "2000000000000000"}) == 0.0  # breaks a given
+    assert score("sudoku", grid[:-2] + "13", {"puzzle": "0" * 16}) == 0.0  # not a valid grid
+
+
+@pytest.mark.parametrize("recipe, preset, world", [
+    ("rl_sdar_30b_a3b.yaml", "sdar-30b-a3b-chat", 64), ("rl_llada2_mini.yaml", "llada2.0-mini", 32),
+    ("sft_sdar_30b_a3b.yaml", "sdar-30b-a3b-chat", 64),
+])
+def test_cluster_recipes_fit_their_models(recipe, preset, world):
+    """The published recipes load, and their layouts shard the published model on the cluster they name."""
+    from dare_mega.config import load_config
+    from dare_mega.models.builder import load_model_args
+    from dare_mega.models.presets import preset_file
+    from dare_mega.models.transformer_config import check_layout
+    from dare_mega.parallel.layout import ParallelLayout
+    from dare_mega.trainer.config import RLConfig, SFTConfig
+
+    cfg = load_config(RLConfig if recipe.startswith("rl_") else SFTConfig, f"{REPO}/configs/recipes/{recipe}", [])
+    args = load_model_args(str(preset_file(preset)), cfg.model.mask_token_id, cfg.model.block_size)
+    p = cfg.parallel
+    layout = ParallelLayout(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp)
+    check_layout(args, layout)
+    layout.check_world(world)
+    if recipe.startswith("rl_"):
+        assert cfg.rollout.prompts_per_step % (world // (layout.tp * layout.pp)) == 0
