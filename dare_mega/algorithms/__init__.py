@@ -1,0 +1,1 @@
+"""RL and SFT objectives, estimators and losses (pure tensor functions) and the Megatron policy update."""

@@ -1,0 +1,1 @@
+"""Prompt/response records, SFT tokenization and packing, synthetic verifiable tasks."""

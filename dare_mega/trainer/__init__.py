@@ -1,0 +1,1 @@
+"""The SFT and RL trainers: configs, checkpoints, metrics and the loops."""
