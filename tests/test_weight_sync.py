@@ -31,3 +31,148 @@ def test_exporter_matches_the_conversion_tool(tiny_dir, tmp_path):
         assert max(r["bucket_sizes"]) <= r["bucket_bytes"], r["bucket_sizes"]
         assert sum(r["bucket_sizes"]) == r["plan_total_bytes"]
         assert r["ranks_agree"] and r["rank0_got_nothing_p2p"] and r["p2p_equal"]
+
+
+# ---- transports against loopback SGLang servers --------------------------------------------------------------
+class Servers:
+    """Fake SGLang servers (tests/fake_sglang.py) as processes, so that each joins process groups on its own."""
+
+    def __init__(self):
+        self.procs = {}
+
+    def start(self, name: str, *args: str, hf: str | None = None) -> str:
+        import subprocess
+        import sys
+
+        from conftest import REPO, clean_env, free_port
+
+        port = free_port()
+        command = [sys.executable, "tests/fake_sglang.py", "--port", str(port), *args]
+        if hf:
+            command += ["--hf", hf]
+        self.procs[name] = subprocess.Popen(command, cwd=REPO, env=clean_env(OMP_NUM_THREADS="1"),
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return f"http://127.0.0.1:{port}"
+
+    def wait(self, *urls: str) -> None:
+        import time
+
+        from dare_mega.rollout.sglang_client import SGLangClient
+
+        for url in urls:
+            deadline = time.time() + 120
+            while not SGLangClient(url).healthy(timeout=2):
+                assert time.time() < deadline, f"{url} did not come up"
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.kill()
+            proc.wait()
+
+
+def fetch(url: str, route: str, body: dict | None = None):
+    import requests
+
+    response = requests.post(url + route, json=body) if body is not None else requests.get(url + route)
+    response.raise_for_status()
+    return response.json()
+
+
+def received(url: str, tmp_path, tag: str) -> dict:
+    import torch
+
+    path = tmp_path / f"received-{tag}.pt"
+    fetch(url, "/_dump", {"path": str(path)})
+    return torch.load(path)
+
+
+def assert_bit_exact(got: dict, expected: dict) -> None:
+    import torch
+
+    assert sorted(got) == sorted(expected)
+    bad = [n for n in expected if got[n].dtype != expected[n].dtype or not torch.equal(got[n], expected[n])]
+    assert not bad, bad[:5]
+
+
+def session_routes(calls: list[dict]) -> list[str]:
+    return [c["route"] for c in calls if c["route"] not in ("/health", "/_calls", "/_dump")]
+
+
+@pytest.mark.distributed
+def test_transports_deliver_the_weights_bit_exactly(tiny_dir, tmp_path):
+    """A TP=2 x PP=2 x EP=2 (ETP=1) trainer on 8 processes syncs twice through each transport: colocated (two
+    engines of TP 4, each fed by the 4 trainer ranks on its GPUs), disaggregated (two engines of TP 1 in one
+    update group with the trainer's rank 0), and disk. Each engine receives the model's HF weights bit-exactly,
+    through the documented call sequence, with the version set only by the last call; a bucket refused on the
+    first try is retried from the start without the version ever advancing on the partial update."""
+    import json
+
+    from conftest import free_port
+
+    servers = Servers()
+    try:
+        urls = {"coloc0": servers.start("coloc0", "--tp-size", "4"), "coloc1": servers.start("coloc1", "--tp-size", "4"),
+                "dist0": servers.start("dist0"), "dist1": servers.start("dist1"), "disk": servers.start("disk"),
+                "flaky": servers.start("flaky", "--tp-size", "8", "--fail", "/update_weights_from_tensor:3")}
+        servers.wait(*urls.values())
+        cases = [
+            {"name": "colocated", "kind": "colocated", "urls": [urls["coloc0"], urls["coloc1"]],
+             "engine_ranks": [[0, 1, 2, 3], [4, 5, 6, 7]], "versions": [1, 2]},
+            {"name": "distributed", "kind": "distributed", "urls": [urls["dist0"], urls["dist1"]], "engine_tp": [1, 1],
+             "port": free_port(), "versions": [1, 2]},
+            {"name": "disk", "kind": "disk", "urls": [urls["disk"]], "dir": str(tmp_path / "weights"), "versions": [1, 2],
+             "assets": True},
+            {"name": "flaky", "kind": "colocated", "urls": [urls["flaky"]], "engine_ranks": [list(range(8))],
+             "versions": [1]},
+        ]
+        spec = tmp_path / "spec.json"
+        spec.write_text(json.dumps({"hf": tiny_dir["llada2_moe"], "layout": {"tp": 2, "pp": 2, "ep": 2},
+                                    "bucket_bytes": 96 * 1024, "root": str(tmp_path), "cases": cases}))
+        results = {r["name"]: r for r in run_json_worker(8, ["tests/workers/sync_worker.py", str(spec)],
+                                                          tmp_path / "out.json", timeout=900)}
+        import torch
+
+        for case in cases:
+            result = results[case["name"]]
+            last = case["versions"][-1]
+            expected = torch.load(tmp_path / f"expected-{case['name']}-{last}.pt")
+            for i, url in enumerate(case["urls"]):
+                assert_bit_exact(received(url, tmp_path, f"{case['name']}{i}"), expected)
+                calls = fetch(url, "/_calls")
+                routes = session_routes(calls)
+                assert calls[-1]["version"] == str(last)
+                check = ["/get_weights_by_name"] * result["checked"]  # read back after every sync
+                assert result["checked"] == 3  # embeddings, final norm, lm_head
+                if case["kind"] == "disk":
+                    assert routes == ["/pause_generation", "/update_weights_from_disk", "/model_info",
+                                      "/continue_generation", *check] * len(case["versions"])
+                    continue
+                update = "/update_weights_from_tensor" if case["kind"] == "colocated" else \
+                    "/update_weights_from_distributed"
+                buckets = result["buckets"]
+                attempt = ["/pause_generation", "/begin_weight_update", *[update] * buckets, "/end_weight_update",
+                           "/flush_cache", "/model_info", "/continue_generation", *check]
+                updates = [c for c in calls if c["route"] == update]
+                if case["name"] == "flaky":
+                    assert result["reports"][0]["attempts"] == 2
+                    # attempt 1 stopped at the refused third bucket and closed the session; attempt 2 is complete
+                    assert routes == ["/pause_generation", "/begin_weight_update", update, update, update,
+                                      "/end_weight_update", "/continue_generation", *attempt]
+                    assert all(c["version"] == "default" for c in calls[: calls.index(updates[3])])
+                    assert all(u["body"]["payloads"] == 8 for u in updates)
+                    continue
+                group = ["/init_weights_update_group"] if case["kind"] == "distributed" else []
+                assert routes[: len(group)] == group
+                assert routes[len(group):] == attempt * len(case["versions"]) + (
+                    ["/destroy_weights_update_group"] if group else [])
+                assert [u["body"]["weight_version"] for u in updates] == \
+                    [None] * (buckets - 1) + ["1"] + [None] * (buckets - 1) + ["2"]
+                if case["kind"] == "colocated":
+                    assert all(u["body"]["payloads"] == 4 and u["body"]["load_format"] == "flattened_bucket"
+                               for u in updates)
+            assert all(r["attempts"] == 1 for r in result["reports"]) or case["name"] == "flaky"
+        assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["v2"]  # older versions pruned
+        assert (tmp_path / "weights" / "v2" / "config.json").exists()
+    finally:
+        servers.stop()

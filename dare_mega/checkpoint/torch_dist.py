@@ -151,7 +151,7 @@ def model_sharded_state_dict(chunks) -> dict:
     return {f"model{i}": unwrap(c).sharded_state_dict(metadata=metadata) for i, c in enumerate(chunks)}
 
 
-def _source_assets(hf_dir: str) -> list[str]:
+def source_assets(hf_dir: str) -> list[str]:
     """Files of an HF checkpoint besides the weights: config, generation config, tokenizer, chat template."""
     skip = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth")
     return sorted(f for f in os.listdir(hf_dir) if os.path.isfile(os.path.join(hf_dir, f)) and not f.endswith(skip))
@@ -223,7 +223,7 @@ def save_from_hf(hf_dir: str, out_dir: str, layout, progress=None) -> dict:
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
         os.makedirs(os.path.join(tmp, ASSETS_DIR))
-        for name in _source_assets(hf_dir):
+        for name in source_assets(hf_dir):
             shutil.copy2(os.path.join(hf_dir, name), os.path.join(tmp, ASSETS_DIR, name))
     dist.barrier()
     if rank == 0:

@@ -93,9 +93,10 @@ class NativeEngine:
             assets = path
         return cls(model, table, _load_tokenizer(assets) if tokenizer else None, device)
 
-    def load_weights(self, named_tensors, version: int) -> int:
-        """Update weights from (HF name, tensor) pairs, e.g. from the trainer's weight sync. Tensors that
-        together form one Megatron tensor (q, k, v; gate, up) are applied once all have arrived."""
+    def load_weights(self, named_tensors, version: int | None = None) -> int:
+        """Update weights from (HF name, tensor) pairs, e.g. a bucket of the trainer's weight sync. Tensors
+        that together form one Megatron tensor (q, k, v; gate, up) are applied once all have arrived. The
+        weight version changes only when `version` is given (the sync's last bucket)."""
         from dare_mega.models.weight_mapping import LayoutContext
 
         ctx = LayoutContext.of(self.args)
@@ -111,18 +112,9 @@ class NativeEngine:
                 self.model.set_full(binding.megatron_name, full)
                 del self._pending[binding.megatron_name]
                 applied += 1
-        self.weight_version = version
+        if version is not None:
+            self.weight_version = version
         return applied
-
-    def load_megatron_weights(self, named_full_tensors, version: int) -> int:
-        """Update weights from full Megatron tensors under the table's canonical names (the trainer's
-        in-process refresh, dare_mega/weight_sync/gather.py)."""
-        count = 0
-        for name, full in named_full_tensors:
-            self.model.set_full(name, full)
-            count += 1
-        self.weight_version = version
-        return count
 
     def routed_experts(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                        chunk: int = 8) -> dict[int, torch.Tensor]:

@@ -152,6 +152,7 @@ class RolloutSection:
     top_k: int = 0
     top_p: float = 1.0
     cache: bool = True
+    sync_bucket_mb: int = 512  # weight sync: exported tensors travel in buckets of at most this size
 
 
 @dataclass
@@ -211,7 +212,7 @@ class RLConfig:
         positive = {"rollout.prompts_per_step": self.rollout.prompts_per_step, "rollout.n": self.rollout.n,
                     "rollout.max_new_tokens": self.rollout.max_new_tokens, "train.steps": self.train.steps,
                     "train.micro_batch_size": self.train.micro_batch_size, "algorithm.epochs": self.algorithm.epochs,
-                    "algorithm.mc": self.algorithm.mc, "task.heldout": self.task.heldout,
+                    "algorithm.mc": self.algorithm.mc, "rollout.sync_bucket_mb": self.rollout.sync_bucket_mb, "task.heldout": self.task.heldout,
                     "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep}
         for key, value in positive.items():
             if value < 1:

@@ -92,7 +92,9 @@ def run(cfg: RLConfig) -> dict:
     from dare_mega.trainer import checkpoint as ckpt
     from dare_mega.trainer.metrics import Metrics
     from dare_mega.trainer.sft import build_optimizer, ensure_model_dir, preflight, training_meta
-    from dare_mega.weight_sync.gather import full_tensors
+    from dare_mega.weight_sync.export import WeightExporter
+    from dare_mega.weight_sync.sync import WeightSync
+    from dare_mega.weight_sync.transports import InProcessTransport
 
     hf_dir = ensure_model_dir(cfg)
     args, layout = preflight(cfg, hf_dir, int(os.environ.get("WORLD_SIZE", "1")), check_budget=False)
@@ -115,7 +117,9 @@ def run(cfg: RLConfig) -> dict:
     optimizer, scheduler = build_optimizer(cfg, chunks, dtype)
     runner = Runner(chunks, args)
     engine = NativeEngine.from_pretrained(hf_dir, device=str(env.device))
-    engine.load_megatron_weights(full_tensors(chunks, args, table), version=0)
+    weights = WeightSync(WeightExporter(chunks, args, table, cfg.rollout.sync_bucket_mb * 1024**2),
+                         InProcessTransport(engine))
+    weights.sync(0)
 
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
     start = 0
@@ -123,7 +127,7 @@ def run(cfg: RLConfig) -> dict:
         None if cfg.checkpoint.resume == "none" else cfg.checkpoint.resume)
     if path:
         start, _ = ckpt.load(path, chunks, optimizer, scheduler)
-        engine.load_megatron_weights(full_tensors(chunks, args, table), version=start)
+        weights.sync(start)
     meta, assets = training_meta(hf_dir, args, layout, dtype, cfg.run_dir, env)
 
     estimator = build(cfg.algorithm.estimator, args.diffusion.mask_token_id, mc=cfg.algorithm.mc)
@@ -183,7 +187,7 @@ def run(cfg: RLConfig) -> dict:
         times["logprob"] = stats["seconds_logprob"]
         times["update"] = time.perf_counter() - clock - times["logprob"]
         clock = time.perf_counter()
-        engine.load_megatron_weights(full_tensors(chunks, args, table), version=step)
+        weights.sync(step)
         times["weight_refresh"] = time.perf_counter() - clock
         local = torch.tensor([stats["loss"], stats["clipped"], stats["units"], stats["kl"], stats["rollout_gap"],
                               stats["tis_tokens"], stats["tis_truncated"]], dtype=torch.float64, device=env.device)

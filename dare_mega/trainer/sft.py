@@ -205,12 +205,12 @@ def training_meta(hf_dir: str, args, layout, dtype, run_dir: str, env):
 
 def _assets_dir(hf_dir: str, run_dir: str, env) -> str:
     """The source checkpoint's config and tokenizer files, copied once into the run directory."""
-    from dare_mega.checkpoint.torch_dist import _source_assets
+    from dare_mega.checkpoint.torch_dist import source_assets
 
     target = os.path.join(run_dir, "hf_assets")
     if env.is_main and not os.path.isdir(target):
         os.makedirs(target + ".tmp", exist_ok=True)
-        for name in _source_assets(hf_dir):
+        for name in source_assets(hf_dir):
             with open(os.path.join(hf_dir, name), "rb") as src, open(os.path.join(target + ".tmp", name), "wb") as dst:
                 dst.write(src.read())
         os.replace(target + ".tmp", target)

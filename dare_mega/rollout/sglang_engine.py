@@ -1,0 +1,190 @@
+"""Rollouts on SGLang servers behind the RolloutEngine interface: launch, health checks, batching, restarts.
+
+Each server is `python -m sglang.launch_server --model-path ... --dllm-algorithm ...` (sglang 0.5.23 serves
+SDARMoeForCausalLM and LLaDA2MoeModelLM with block caching). Requests are split into batches and spread over
+the servers; a server that stops answering is restarted from the newest weights written for it (the disk
+transport's last export, else the original model, then `on_restart(i)` so the trainer can push its current
+weights) and the batch is sent again.
+
+What SGLang does not give (0.5.23, see docs/scaling.md): per-token denoising steps and log-probs, and, with the
+LowConfidence / JointThreshold algorithms, sampling (they take the argmax whatever the temperature). So the
+trajectory estimator cannot train from SGLang rollouts, and GRPO groups from a greedy algorithm would be
+identical: both are refused up front with the reason (`check_usable`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import yaml
+
+from dare_mega.errors import ConfigError
+from dare_mega.rollout.sglang_client import SGLangClient, SGLangError
+from dare_mega.rollout.types import Completion, SamplingParams
+
+GREEDY_ALGORITHMS = ("LowConfidence", "JointThreshold", "JointThresholdInDel")
+NEEDS_STEP_MAPS = ("trajectory",)
+
+
+@dataclass
+class SGLangServerConfig:
+    model_path: str
+    tp: int = 1
+    dllm_algorithm: str = "LowConfidence"
+    dllm_config: dict = field(default_factory=dict)  # e.g. {"block_size": 4, "threshold": 0.9}
+    host: str = "127.0.0.1"
+    mem_fraction_static: float = 0.8
+    max_running_requests: int = 64  # dLLM serving defaults to ONE request at a time otherwise
+    extra_args: list[str] = field(default_factory=list)
+    launcher: list[str] = field(default_factory=lambda: [sys.executable, "-m", "sglang.launch_server"])
+
+    def command(self, port: int, model_path: str, config_file: str | None) -> list[str]:
+        command = [*self.launcher, "--model-path", model_path, "--tp-size", str(self.tp), "--host", self.host,
+                   "--port", str(port), "--dllm-algorithm", self.dllm_algorithm, "--mem-fraction-static",
+                   str(self.mem_fraction_static), "--max-running-requests", str(self.max_running_requests),
+                   "--trust-remote-code"]
+        if config_file:
+            command += ["--dllm-algorithm-config", config_file]
+        return command + list(self.extra_args)
+
+
+def check_usable(config: SGLangServerConfig, estimator: str, temperature: float, group_size: int) -> None:
+    """Refuse, before anything starts, the combinations that SGLang's dLLM serving cannot train."""
+    if estimator in NEEDS_STEP_MAPS:
+        raise ConfigError(f"algorithm.estimator={estimator} replays each token's denoising step, which SGLang does "
+                          f"not return; use the native engine, or an estimator that needs no step map "
+                          f"(d1, coupled, bgpo, ebpo, espo, spg)")
+    if config.dllm_algorithm in GREEDY_ALGORITHMS and temperature > 0 and group_size > 1:
+        raise ConfigError(f"SGLang's {config.dllm_algorithm} decodes greedily (it ignores temperature={temperature}), "
+                          f"so the {group_size} completions of a group would be identical and their advantages 0; "
+                          f"use the native engine or a sampling dLLM algorithm")
+
+
+class SGLangEngine:
+    provides_trajectories = False
+
+    def __init__(self, config: SGLangServerConfig, ports: list[int], batch_size: int = 64,
+                 startup_timeout: float = 900.0, max_restarts: int = 3, tokenizer=None, on_restart=None,
+                 log_dir: str | None = None):
+        if not ports:
+            raise ConfigError("SGLangEngine needs at least one server port")
+        self.config, self.ports = config, list(ports)
+        self.batch_size, self.startup_timeout, self.max_restarts = batch_size, startup_timeout, max_restarts
+        self.tokenizer, self.on_restart = tokenizer, on_restart
+        self.weights_path: str | None = None  # set by the disk transport after each export
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="sglang-logs-")
+        os.makedirs(self.log_dir, exist_ok=True)
+        self._config_file = None
+        if config.dllm_config:
+            self._config_file = os.path.join(self.log_dir, "dllm_config.yaml")
+            with open(self._config_file, "w") as f:
+                yaml.safe_dump(dict(config.dllm_config), f)
+        self.clients = [SGLangClient(f"http://{config.host}:{port}") for port in self.ports]
+        self.procs: list[subprocess.Popen | None] = [None] * len(self.ports)
+        self.restarts = [0] * len(self.ports)
+        for i in range(len(self.ports)):
+            self._launch(i)
+        for i in range(len(self.ports)):
+            self._wait(i)
+
+    # ---- servers ------------------------------------------------------------------------------------------
+    def _launch(self, i: int) -> None:
+        model = self.weights_path or self.config.model_path
+        log = open(os.path.join(self.log_dir, f"server{i}.log"), "a")
+        self.procs[i] = subprocess.Popen(self.config.command(self.ports[i], model, self._config_file),
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def _wait(self, i: int) -> None:
+        deadline = time.time() + self.startup_timeout
+        while not self.clients[i].healthy(timeout=5):
+            if self.procs[i].poll() is not None:
+                raise SGLangError(f"SGLang server {i} exited with {self.procs[i].returncode} while starting; "
+                                  f"see {os.path.join(self.log_dir, f'server{i}.log')}")
+            if time.time() > deadline:
+                raise SGLangError(f"SGLang server {i} on port {self.ports[i]} not healthy after "
+                                  f"{self.startup_timeout:.0f} s")
+            time.sleep(0.5)
+
+    def restart(self, i: int) -> None:
+        if self.restarts[i] >= self.max_restarts:
+            raise SGLangError(f"SGLang server {i} failed {self.restarts[i]} times; giving up")
+        self.restarts[i] += 1
+        if self.procs[i] is not None and self.procs[i].poll() is None:
+            self.procs[i].kill()
+            self.procs[i].wait()
+        print(f"sglang: restarting server {i} (port {self.ports[i]}) from {self.weights_path or 'the model'}",
+              file=sys.stderr, flush=True)
+        self._launch(i)
+        self._wait(i)
+        if self.on_restart is not None:
+            self.on_restart(i)
+
+    def alive(self, i: int) -> bool:
+        return self.procs[i] is not None and self.procs[i].poll() is None and self.clients[i].healthy(timeout=5)
+
+    def shutdown(self) -> None:
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    @property
+    def weight_version(self) -> str:
+        return self.clients[0].weight_version()
+
+    def load_weights(self, named_tensors, version=None):
+        raise NotImplementedError("SGLang engines receive weights through dare_mega.weight_sync transports")
+
+    # ---- generation ---------------------------------------------------------------------------------------
+    def generate(self, prompts: list, params: SamplingParams = SamplingParams()) -> list[Completion]:
+        ids = [self._ids(p) for p in prompts]
+        sampling = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+                    "top_p": params.top_p}
+        if params.top_k:
+            sampling["top_k"] = params.top_k
+        if params.stop_token_ids is not None:
+            sampling["stop_token_ids"] = list(params.stop_token_ids)
+        if params.stop:
+            sampling["stop"] = list(params.stop)
+        out: list[Completion | None] = [None] * len(ids)
+        batches = [list(range(s, min(s + self.batch_size, len(ids)))) for s in range(0, len(ids), self.batch_size)]
+        for b, batch in enumerate(batches):
+            server = b % len(self.clients)
+            while True:
+                try:
+                    answers = self.clients[server].generate([ids[k] for k in batch], sampling)
+                    break
+                except SGLangError:
+                    if self.alive(server):
+                        raise  # the server is up and refused the request: a real error
+                    self.restart(server)
+            for k, answer in zip(batch, answers):
+                out[k] = self._completion(ids[k], answer)
+        return out
+
+    def _ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("text prompts need a tokenizer (SGLangEngine(tokenizer=...))")
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                                      add_generation_prompt=True)
+        return list(prompt)
+
+    def _completion(self, prompt_ids: list[int], answer: dict) -> Completion:
+        meta = answer.get("meta_info", {})
+        reason = (meta.get("finish_reason") or {}).get("type", "length")
+        version = str(meta.get("weight_version", "0"))
+        output = list(answer.get("output_ids") or [])
+        return Completion(prompt_ids=prompt_ids, completion_ids=output, text=answer.get("text", ""),
+                          finish_reason="stop" if reason == "stop" else "length", logprobs=[], reveal_steps=[],
+                          generated_ids=output, generated_logprobs=[], generated_reveal_steps=[],
+                          block_size=int(self.config.dllm_config.get("block_size", 0)), forwards=0,
+                          weight_version=int(version) if version.isdigit() else 0)
