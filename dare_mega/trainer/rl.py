@@ -76,7 +76,18 @@ def evaluate(engine, records, reward, cfg: RLConfig) -> dict:
     }
 
 
-def run(cfg: RLConfig) -> dict:
+def native_rollout(cfg: RLConfig, hf_dir: str, env):
+    """The default backend: a native engine in this process, refreshed in process (InProcessTransport)."""
+    from dare_mega.rollout.engine import NativeEngine
+    from dare_mega.weight_sync.transports import InProcessTransport
+
+    engine = NativeEngine.from_pretrained(hf_dir, device=str(env.device))
+    return engine, InProcessTransport(engine)
+
+
+def run(cfg: RLConfig, rollout_backend=None) -> dict:
+    """`rollout_backend(cfg, hf_dir, env) -> (engine, transport)`: where rollouts run and how weights reach them
+    (default: native_rollout; the Ray launcher passes remote engine actors)."""
     from megatron.core import parallel_state as ps
 
     from dare_mega.algorithms.estimators import Sample, build
@@ -88,13 +99,11 @@ def run(cfg: RLConfig) -> dict:
     from dare_mega.models.transformer_config import RuntimeOptions
     from dare_mega.parallel import destroy_distributed, init_distributed, init_model_parallel
     from dare_mega.rewards import score
-    from dare_mega.rollout.engine import NativeEngine
     from dare_mega.trainer import checkpoint as ckpt
     from dare_mega.trainer.metrics import Metrics
     from dare_mega.trainer.sft import build_optimizer, ensure_model_dir, preflight, training_meta
     from dare_mega.weight_sync.export import WeightExporter
     from dare_mega.weight_sync.sync import WeightSync
-    from dare_mega.weight_sync.transports import InProcessTransport
 
     hf_dir = ensure_model_dir(cfg)
     args, layout = preflight(cfg, hf_dir, int(os.environ.get("WORLD_SIZE", "1")), check_budget=False)
@@ -116,9 +125,8 @@ def run(cfg: RLConfig) -> dict:
     chunks = wrap_for_training(chunks, distributed_optimizer=True)
     optimizer, scheduler = build_optimizer(cfg, chunks, dtype)
     runner = Runner(chunks, args)
-    engine = NativeEngine.from_pretrained(hf_dir, device=str(env.device))
-    weights = WeightSync(WeightExporter(chunks, args, table, cfg.rollout.sync_bucket_mb * 1024**2),
-                         InProcessTransport(engine))
+    engine, transport = (rollout_backend or native_rollout)(cfg, hf_dir, env)
+    weights = WeightSync(WeightExporter(chunks, args, table, cfg.rollout.sync_bucket_mb * 1024**2), transport)
     weights.sync(0)
 
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
@@ -145,7 +153,8 @@ def run(cfg: RLConfig) -> dict:
     before = evaluate(engine, heldout, reward, cfg)
     if env.is_main:
         print(f"rl: {args.architecture} at {layout.describe()} on {env.world_size} process(es); task {cfg.task.name} "
-              f"(reward {reward}), estimator {estimator.name}; held-out accuracy {before}; "
+              f"(reward {reward}), estimator {estimator.name}, rollouts on {type(engine).__name__}; "
+              f"held-out accuracy {before}; "
               f"starting at step {start}", flush=True)
     per_rank = cfg.rollout.prompts_per_step // dp
     routing_probe = None
