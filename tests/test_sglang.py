@@ -89,3 +89,36 @@ def test_weight_check_fails_loudly_on_a_mismatch():
             check(3, {"lm_head.weight": [float(x) for x in range(1, 13)]})
     finally:
         server.stop()
+
+
+@pytest.mark.distributed
+def test_rl_loop_on_sglang_servers(tmp_path):
+    """rollout.backend=sglang: two RL steps whose rollouts come from a (fake) SGLang server and whose weights go
+    back to it through the disk transport, read back and checked after every sync; the server answers with
+    the new version each step. The trajectory estimator and greedy groups are refused up front."""
+    import json
+
+    from conftest import torchrun
+
+    from dare_mega.__main__ import tiny_checkpoint
+
+    hf = tiny_checkpoint("tiny-sdar-moe")
+    server = FakeSGLang(hf=hf).start()
+    try:
+        common = ["--config", "configs/recipes/rl_tiny_sdar_moe.yaml", "rollout.backend=sglang",
+                  f"sglang.urls=[{server.url}]", "sglang.transport=disk", "task.heldout=2", "eval.samples=1",
+                  "rollout.prompts_per_step=2", "logging.progress=false", "checkpoint.every=1000"]
+        refused = torchrun(1, ["-m", "dare_mega.trainer.rl", *common, f"run_dir={tmp_path / 'x'}"], timeout=300)
+        assert refused.returncode != 0 and "estimator=trajectory replays each token's denoising step" in refused.stderr
+        proc = torchrun(1, ["-m", "dare_mega.trainer.rl", *common, f"run_dir={tmp_path / 'run'}", "train.steps=2",
+                            "algorithm.estimator=d1", "rollout.n=1", "rollout.temperature=0"], timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "rollouts on SGLangEngine" in proc.stdout
+        steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["weight_version"] for r in steps] == [1, 2]
+        generated = [c["version"] for c in server.calls if c["route"] == "/generate"]
+        assert {"0", "1", "2"} <= set(generated)  # held-out eval at 0, step 1 at 0... the final eval at 2
+        assert server.version == "2" and (tmp_path / "run" / "weights" / "v2").is_dir()
+        assert sum(c["route"] == "/get_weights_by_name" for c in server.calls) == 3 * 3  # syncs 0, 1, 2
+    finally:
+        server.stop()

@@ -70,9 +70,11 @@ class SGLangEngine:
 
     def __init__(self, config: SGLangServerConfig, ports: list[int], batch_size: int = 64,
                  startup_timeout: float = 900.0, max_restarts: int = 3, tokenizer=None, on_restart=None,
-                 log_dir: str | None = None):
+                 log_dir: str | None = None, block_size: int = 0):
+        """Launch one server per port on this machine. `SGLangEngine.connect(urls)` uses running servers."""
         if not ports:
             raise ConfigError("SGLangEngine needs at least one server port")
+        self.block_size = block_size or int(config.dllm_config.get("block_size", 0))
         self.config, self.ports = config, list(ports)
         self.batch_size, self.startup_timeout, self.max_restarts = batch_size, startup_timeout, max_restarts
         self.tokenizer, self.on_restart = tokenizer, on_restart
@@ -91,6 +93,20 @@ class SGLangEngine:
             self._launch(i)
         for i in range(len(self.ports)):
             self._wait(i)
+
+    @classmethod
+    def connect(cls, urls: list[str], config: SGLangServerConfig, batch_size: int = 64, tokenizer=None,
+                block_size: int = 0, first: int = 0) -> "SGLangEngine":
+        """Servers someone else runs (a launch script, Ray): no restarts from here. Batches start at server
+        `first` (a data-parallel rank's own server)."""
+        self = cls.__new__(cls)
+        self.config, self.ports, self.batch_size, self.tokenizer = config, [], batch_size, tokenizer
+        self.block_size = block_size or int(config.dllm_config.get("block_size", 0))
+        self.on_restart, self.weights_path, self.max_restarts = None, None, 0
+        n = len(urls)
+        self.clients = [SGLangClient(urls[(first + k) % n]) for k in range(n)]
+        self.procs, self.restarts = [None] * n, [0] * n
+        return self
 
     # ---- servers ------------------------------------------------------------------------------------------
     def _launch(self, i: int) -> None:
@@ -111,6 +127,8 @@ class SGLangEngine:
             time.sleep(0.5)
 
     def restart(self, i: int) -> None:
+        if self.procs[i] is None and not self.ports:
+            raise SGLangError(f"SGLang server {self.clients[i].url} is down and was not launched by this engine")
         if self.restarts[i] >= self.max_restarts:
             raise SGLangError(f"SGLang server {i} failed {self.restarts[i]} times; giving up")
         self.restarts[i] += 1
@@ -125,7 +143,8 @@ class SGLangEngine:
             self.on_restart(i)
 
     def alive(self, i: int) -> bool:
-        return self.procs[i] is not None and self.procs[i].poll() is None and self.clients[i].healthy(timeout=5)
+        running = self.procs[i] is None or self.procs[i].poll() is None  # connected servers: only HTTP tells
+        return running and self.clients[i].healthy(timeout=5)
 
     def shutdown(self) -> None:
         for proc in self.procs:
@@ -144,7 +163,8 @@ class SGLangEngine:
         raise NotImplementedError("SGLang engines receive weights through dare_mega.weight_sync transports")
 
     # ---- generation ---------------------------------------------------------------------------------------
-    def generate(self, prompts: list, params: SamplingParams = SamplingParams()) -> list[Completion]:
+    def generate(self, prompts: list, params: SamplingParams = SamplingParams(), cache: bool = True) -> list[Completion]:
+        """`cache` is accepted for the RolloutEngine interface; SGLang always caches the committed blocks."""
         ids = [self._ids(p) for p in prompts]
         sampling = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
                     "top_p": params.top_p}
@@ -174,8 +194,9 @@ class SGLangEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ConfigError("text prompts need a tokenizer (SGLangEngine(tokenizer=...))")
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                                      add_generation_prompt=True)
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                                     add_generation_prompt=True)
+            return list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "input_ids") else list(ids)
         return list(prompt)
 
     def _completion(self, prompt_ids: list[int], answer: dict) -> Completion:
@@ -186,5 +207,5 @@ class SGLangEngine:
         return Completion(prompt_ids=prompt_ids, completion_ids=output, text=answer.get("text", ""),
                           finish_reason="stop" if reason == "stop" else "length", logprobs=[], reveal_steps=[],
                           generated_ids=output, generated_logprobs=[], generated_reveal_steps=[],
-                          block_size=int(self.config.dllm_config.get("block_size", 0)), forwards=0,
+                          block_size=self.block_size, forwards=0,
                           weight_version=int(version) if version.isdigit() else 0)

@@ -152,7 +152,23 @@ class RolloutSection:
     top_k: int = 0
     top_p: float = 1.0
     cache: bool = True
+    backend: str = field(default="native", metadata=choices("native", "sglang"))  # sglang: see the sglang section
     sync_bucket_mb: int = 512  # weight sync: exported tensors travel in buckets of at most this size
+
+
+@dataclass
+class SGLangSection:
+    """rollout.backend=sglang: SGLang servers already running (launched by the cluster script, Ray or by hand)."""
+
+    urls: list[str] = field(default_factory=list)  # http://host:port, one per server; data-parallel rank r uses r % n
+    transport: str = field(default="distributed", metadata=choices("colocated", "distributed", "disk"))
+    engine_tp: int = 1  # GPUs per server (colocated: the trainer ranks on a server's GPUs, consecutive)
+    master_address: str | None = None  # distributed: trainer rank 0's address as the engines see it
+    master_port: int = 29600  # distributed: the weight-update group's rendezvous port on trainer rank 0
+    weights_dir: str | None = None  # disk: where versions are written (default RUN_DIR/weights)
+    dllm_algorithm: str = "LowConfidence"  # what the servers run (decides whether sampling is possible)
+    check_weights: bool = True  # read embeddings / final norm / lm_head back after every sync and compare
+    batch_size: int = 64  # requests per /generate call
 
 
 @dataclass
@@ -202,6 +218,7 @@ class RLConfig:
     task: TaskSection = field(default_factory=TaskSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    sglang: SGLangSection = field(default_factory=SGLangSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: RLTrainSection = field(default_factory=RLTrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -219,6 +236,8 @@ class RLConfig:
                 raise ConfigError(f"{source}: {key}={value} must be >= 1")
         if self.train.pack_tokens < 0:
             raise ConfigError(f"{source}: train.pack_tokens={self.train.pack_tokens} must be >= 0 (0: no packing)")
+        if self.rollout.backend == "sglang" and not self.sglang.urls:
+            raise ConfigError(f"{source}: rollout.backend=sglang needs sglang.urls (the servers to use)")
         if self.task.name == "file" and not self.task.train:
             raise ConfigError(f"{source}: task.name=file needs task.train (a JSONL or Parquet path)")
         if self.optim.lr <= 0:

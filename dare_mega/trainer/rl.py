@@ -85,6 +85,37 @@ def native_rollout(cfg: RLConfig, hf_dir: str, env):
     return engine, InProcessTransport(engine)
 
 
+def sglang_rollout(cfg: RLConfig, hf_dir: str, env):
+    """rollout.backend=sglang: running servers (sglang.urls); weights through the configured transport."""
+    from megatron.core import parallel_state as ps
+
+    from dare_mega.models.builder import load_model_args
+    from dare_mega.rollout.engine import _load_tokenizer
+    from dare_mega.rollout.sglang_engine import SGLangEngine, SGLangServerConfig
+    from dare_mega.rollout.sglang_client import SGLangClient
+    from dare_mega.weight_sync import transports
+
+    s = cfg.sglang
+    args = load_model_args(hf_dir, cfg.model.mask_token_id, cfg.model.block_size)
+    server = SGLangServerConfig(hf_dir, tp=s.engine_tp, dllm_algorithm=s.dllm_algorithm)
+    engine = SGLangEngine.connect(s.urls, server, s.batch_size, _load_tokenizer(hf_dir),
+                                  args.diffusion.block_size, first=ps.get_data_parallel_rank())
+    clients = [SGLangClient(url) for url in s.urls]
+    if s.transport == "colocated":
+        if env.world_size != s.engine_tp * len(clients):
+            raise ConfigError(f"sglang.transport=colocated: {len(clients)} servers x engine_tp={s.engine_tp} GPUs "
+                              f"must be the {env.world_size} trainer ranks")
+        transport = transports.ColocatedTensorTransport(
+            clients, [list(range(i * s.engine_tp, (i + 1) * s.engine_tp)) for i in range(len(clients))])
+    elif s.transport == "distributed":
+        transport = transports.DistributedTransport(clients, [s.engine_tp] * len(clients),
+                                                    s.master_address or os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                                    s.master_port)
+    else:
+        transport = transports.DiskTransport(clients, s.weights_dir or os.path.join(cfg.run_dir, "weights"), hf_dir)
+    return engine, transport
+
+
 def run(cfg: RLConfig, rollout_backend=None) -> dict:
     """`rollout_backend(cfg, hf_dir, env) -> (engine, transport)`: where rollouts run and how weights reach them
     (default: native_rollout; the Ray launcher passes remote engine actors)."""
@@ -108,6 +139,11 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     hf_dir = ensure_model_dir(cfg)
     args, layout = preflight(cfg, hf_dir, int(os.environ.get("WORLD_SIZE", "1")), check_budget=False)
     train, heldout, reward = task_records(cfg)
+    if cfg.rollout.backend == "sglang":  # what SGLang cannot train is refused before any process group exists
+        from dare_mega.rollout.sglang_engine import SGLangServerConfig, check_usable
+
+        check_usable(SGLangServerConfig(hf_dir, dllm_algorithm=cfg.sglang.dllm_algorithm), cfg.algorithm.estimator,
+                     cfg.rollout.temperature, cfg.rollout.n)
     env = init_distributed()
     init_model_parallel(layout, seed=cfg.train.seed)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -125,8 +161,15 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     chunks = wrap_for_training(chunks, distributed_optimizer=True)
     optimizer, scheduler = build_optimizer(cfg, chunks, dtype)
     runner = Runner(chunks, args)
-    engine, transport = (rollout_backend or native_rollout)(cfg, hf_dir, env)
-    weights = WeightSync(WeightExporter(chunks, args, table, cfg.rollout.sync_bucket_mb * 1024**2), transport)
+    backend = rollout_backend or (sglang_rollout if cfg.rollout.backend == "sglang" else native_rollout)
+    engine, transport = backend(cfg, hf_dir, env)
+    check = None
+    if cfg.rollout.backend == "sglang" and cfg.sglang.check_weights:
+        from dare_mega.weight_sync.sync import SGLangWeightCheck
+
+        check = SGLangWeightCheck(transport.clients)
+    weights = WeightSync(WeightExporter(chunks, args, table, cfg.rollout.sync_bucket_mb * 1024**2), transport,
+                         check=check, check_names=[n for b in table.bindings() if b.layer is None for n in b.hf_names])
     weights.sync(0)
 
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
@@ -158,7 +201,7 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
               f"starting at step {start}", flush=True)
     per_rank = cfg.rollout.prompts_per_step // dp
     routing_probe = None
-    if a.log_router_mismatch and args.moe:
+    if a.log_router_mismatch and args.moe and hasattr(engine, "routed_experts"):
         def routing_probe(batch):
             return engine.routed_experts(batch.input_ids, batch.position_ids, batch.mask.dense())
     n = cfg.rollout.n
