@@ -108,10 +108,12 @@ def worker(args) -> None:
                 dist.barrier()
                 seconds.append(time.perf_counter() - clock)
             growth.append(rss.peak - rss.start)
-        worst = torch.tensor([max(growth)], dtype=torch.float64)
+        worst = torch.tensor([max(growth), exporter.peak_held_bytes], dtype=torch.float64)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         out[name] = {"seconds": min(seconds), "gb_per_s": total / min(seconds) / 1e9,
-                     "peak_rss_growth_mb_max_rank": float(worst) / 2**20}
+                     "peak_rss_growth_mb_max_rank": float(worst[0]) / 2**20,
+                     "peak_held_mb_max_rank": float(worst[1]) / 2**20}
+        exporter.peak_held_bytes = 0
 
     def drain(receivers):
         for bucket in exporter.buckets(receivers):
@@ -166,7 +168,8 @@ def main() -> None:
         r = result[name]
         r["fraction_of_memcpy"] = r["gb_per_s"] / result["memcpy_gb_per_s"]
         print(f"{name:13s} {r['seconds']:.2f} s  {r['gb_per_s']:.3f} GB/s  ({r['fraction_of_memcpy']:.1%} of memcpy)  "
-              f"peak RSS growth {r['peak_rss_growth_mb_max_rank']:.0f} MiB")
+              f"peak RSS growth {r['peak_rss_growth_mb_max_rank']:.0f} MiB, exported bytes held at once "
+              f"{r['peak_held_mb_max_rank']:.0f} MiB")
     print(f"model {result['model_bytes'] / 1e9:.2f} GB in {result['buckets']} buckets of <= {args.bucket_mb} MiB; "
           f"memcpy {result['memcpy_gb_per_s']:.2f} GB/s")
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)

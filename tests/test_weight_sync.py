@@ -30,6 +30,9 @@ def test_exporter_matches_the_conversion_tool(tiny_dir, tmp_path):
         assert r["order_is_plan"] and r["bucket_count"] == r["plan_buckets"] > 3
         assert max(r["bucket_sizes"]) <= r["bucket_bytes"], r["bucket_sizes"]
         assert sum(r["bucket_sizes"]) == r["plan_total_bytes"]
+        # memory: no rank ever held more than one bucket plus the tensor being added (here < 1/4 of the model)
+        assert r["peak_held_bytes"] <= r["bucket_bytes"] + r["largest_tensor"] * 3
+        assert r["peak_held_bytes"] < r["plan_total_bytes"] / 4
         assert r["ranks_agree"] and r["rank0_got_nothing_p2p"] and r["p2p_equal"]
 
 

@@ -109,6 +109,7 @@ class WeightExporter:
         self.param_dtype = unwrap(chunks[0]).config.params_dtype
         self.dtypes = dtypes or {}
         self.plan = self._plan()
+        self.peak_held_bytes = 0  # the most exported bytes this rank held at once (the bucket + one tensor)
 
     # ----------------------------------------------------------------------------------------------------
     def _hf_specs(self, binding):
@@ -186,6 +187,9 @@ class WeightExporter:
                             dist.send(out, dst=receivers)
                         elif self.rank == receivers:
                             dist.recv(out, src=source)
+            if self.rank == source or receive:
+                held = bucket.nbytes + sum(o.numel() * o.element_size() for o in outs if o is not None)
+                self.peak_held_bytes = max(self.peak_held_bytes, held)
             if receive:
                 for (name, _, _), out in zip(specs, outs):
                     index = bucket_of[entry]

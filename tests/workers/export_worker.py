@@ -91,8 +91,10 @@ def main():
             dist.send_object_list([at_last], dst=0)
         elif env.rank == 0:
             dist.recv_object_list(got_last, src=last)
+        peak = torch.tensor([exporter.peak_held_bytes], dtype=torch.float64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         record = {"name": case["name"], "layout": layout.describe(), "bucket_bytes": case["bucket_bytes"],
-                  "plan_total_bytes": exporter.plan.total_bytes}
+                  "plan_total_bytes": exporter.plan.total_bytes, "peak_held_bytes": float(peak)}
         if env.is_main:
             written = CheckpointReader(converted)
             flat = [(n, t) for bucket in everywhere for n, t in bucket]
