@@ -229,7 +229,8 @@ class RLConfig:
         positive = {"rollout.prompts_per_step": self.rollout.prompts_per_step, "rollout.n": self.rollout.n,
                     "rollout.max_new_tokens": self.rollout.max_new_tokens, "train.steps": self.train.steps,
                     "train.micro_batch_size": self.train.micro_batch_size, "algorithm.epochs": self.algorithm.epochs,
-                    "algorithm.mc": self.algorithm.mc, "rollout.sync_bucket_mb": self.rollout.sync_bucket_mb, "task.heldout": self.task.heldout,
+                    "algorithm.mc": self.algorithm.mc, "rollout.sync_bucket_mb": self.rollout.sync_bucket_mb,
+                    "task.heldout": self.task.heldout,
                     "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep}
         for key, value in positive.items():
             if value < 1:

@@ -258,7 +258,8 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
             "rollout_train_gap": local[4].item() / max(local[5].item(), 1),
             "tis_truncated": local[6].item() / max(local[5].item(), 1),
             "router_mismatch": router[0].item() / router[1].item() if router[1].item() else None,
-            "padding": stats["padding"], "tokens_per_s": totals[4].item() / seconds, "seconds": seconds, "weight_version": step,
+            "padding": stats["padding"], "tokens_per_s": totals[4].item() / seconds, "seconds": seconds,
+            "weight_version": step,
             **{f"time_{k}": v for k, v in times.items()},
         }
         if cfg.eval.every and step % cfg.eval.every == 0:

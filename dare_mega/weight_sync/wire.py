@@ -76,14 +76,14 @@ def serialize(obj) -> str:
 
 
 # what sglang's SafeUnpickler lets through, besides builtins: the receiver in tests enforces the same rule
+_REDUCTIONS = ("rebuild_tensor", "rebuild_storage_filename", "rebuild_storage_fd", "rebuild_cuda_tensor",
+               "rebuild_typed_storage", "rebuild_typed_storage_child", "rebuild_storage_empty")
 ALLOWED = {
-    ("types", "SimpleNamespace"), ("torch", "Size"), ("torch", "Tensor"), ("torch.nn.parameter", "Parameter"), ("torch._utils", "_rebuild_tensor"),
-    ("torch._utils", "_rebuild_tensor_v2"), ("torch.storage", "_load_from_bytes"),
-    ("torch.multiprocessing.reductions", "rebuild_tensor"), ("torch.multiprocessing.reductions", "rebuild_storage_filename"),
-    ("torch.multiprocessing.reductions", "rebuild_storage_fd"), ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"),
-    ("torch.multiprocessing.reductions", "rebuild_typed_storage"), ("torch.multiprocessing.reductions", "rebuild_typed_storage_child"),
-    ("torch.multiprocessing.reductions", "rebuild_storage_empty"), ("multiprocessing.resource_sharer", "DupFd"),
-    ("sglang.srt.weight_sync.tensor_bucket", "FlattenedTensorMetadata"), ("collections", "OrderedDict"),
+    ("types", "SimpleNamespace"), ("collections", "OrderedDict"), ("multiprocessing.resource_sharer", "DupFd"),
+    ("torch", "Size"), ("torch", "Tensor"), ("torch.nn.parameter", "Parameter"),
+    ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"), ("torch.storage", "_load_from_bytes"),
+    ("sglang.srt.weight_sync.tensor_bucket", "FlattenedTensorMetadata"),
+    *(("torch.multiprocessing.reductions", name) for name in _REDUCTIONS),
 }
 
 
@@ -93,7 +93,8 @@ class AllowlistUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in ALLOWED or module == "builtins" and name in {"list", "dict", "tuple", "set", "getattr"}:
             return super().find_class(module, name)
-        if module in ("torch", "torch.storage") and (isinstance(getattr(torch, name, None), torch.dtype) or name.endswith("Storage")):
+        dtype_or_storage = isinstance(getattr(torch, name, None), torch.dtype) or name.endswith("Storage")
+        if module in ("torch", "torch.storage") and dtype_or_storage:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"blocked unsafe global {module}.{name}")
 
