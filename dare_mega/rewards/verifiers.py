@@ -21,8 +21,9 @@ import re
 from dare_mega.errors import ConfigError
 
 REWARDS = {}
-REQUIRED_FIELDS = {"math": ("answer",), "arithmetic": ("answer",), "exact": ("answer",), "countdown": ("numbers", "target"),
-                   "sudoku": ("puzzle",), "code": ("tests",)}
+REQUIRED_FIELDS = {"math": ("answer",), "arithmetic": ("answer",), "exact": ("answer",),
+                   "countdown": ("numbers", "target"), "sudoku": ("puzzle",), "code": ("tests",),
+                   "humaneval": ("prefix", "tests")}
 
 
 def register(name):
@@ -142,6 +143,14 @@ def code_reward(text: str, record: dict) -> float:
     code = blocks[-1] if blocks else text
     limits = Limits(wall_seconds=float(record.get("timeout", 5.0)))
     return 1.0 if run_python(code + "\n\n" + record["tests"] + "\n", limits).ok else 0.0
+
+
+@register("humaneval")
+def humaneval_reward(text: str, record: dict) -> float:
+    from dare_mega.eval.benchmarks import humaneval_program
+    from dare_mega.rewards.sandbox import Limits, run_python
+
+    return 1.0 if run_python(humaneval_program(text, record), Limits(wall_seconds=10.0)).ok else 0.0
 
 
 def score(name: str, text: str, record: dict, log=None) -> float:

@@ -197,6 +197,9 @@ class EvalSection:
     max_new_tokens: int | None = None  # default: rollout.max_new_tokens
     samples: int = 4  # completions per held-out prompt for the sampled accuracy
     metric: str = field(default="sampled", metadata=choices("sampled", "greedy"))  # the one the last line reports
+    tasks: list[str] = field(default_factory=list)  # benchmark files scored every `every` steps (dare_mega.eval)
+    data: str | None = None  # their directory (default $COMPASS_DATA_CACHE)
+    limit: int | None = None  # first N items of each
 
 
 @dataclass

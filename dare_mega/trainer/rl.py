@@ -76,6 +76,21 @@ def evaluate(engine, records, reward, cfg: RLConfig) -> dict:
     }
 
 
+def score_benchmarks(engine, benchmarks: dict, cfg: RLConfig) -> dict:
+    """Greedy accuracy on each benchmark (dare_mega.eval's scorer); every rank computes the same numbers."""
+    from dare_mega.eval.__main__ import evaluate as evaluate_items
+    from dare_mega.eval.benchmarks import BENCHMARKS
+    from dare_mega.rollout.types import SamplingParams
+
+    out = {}
+    for task, records in benchmarks.items():
+        params = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens or BENCHMARKS[task].max_new_tokens,
+                                policy=cfg.rollout.policy, threshold=cfg.rollout.threshold, temperature=0.0)
+        items = evaluate_items(engine, records, BENCHMARKS[task].reward, params)
+        out[task] = sum(i["score"] for i in items) / max(len(items), 1)
+    return out
+
+
 def native_rollout(cfg: RLConfig, hf_dir: str, env):
     """The default backend: a native engine in this process, refreshed in process (InProcessTransport)."""
     from dare_mega.rollout.engine import NativeEngine
@@ -139,6 +154,14 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     hf_dir = ensure_model_dir(cfg)
     args, layout = preflight(cfg, hf_dir, int(os.environ.get("WORLD_SIZE", "1")), check_budget=False)
     train, heldout, reward = task_records(cfg)
+    benchmarks = {}
+    if cfg.eval.tasks:  # benchmark files are read (and a missing one named) before any process group exists
+        from dare_mega.eval.benchmarks import load
+
+        data = cfg.eval.data or os.environ.get("COMPASS_DATA_CACHE")
+        if not data:
+            raise ConfigError("eval.tasks needs eval.data (or $COMPASS_DATA_CACHE): the directory of benchmark files")
+        benchmarks = {task: load(task, data, cfg.eval.limit) for task in cfg.eval.tasks}
     if cfg.rollout.backend == "sglang":  # what SGLang cannot train is refused before any process group exists
         from dare_mega.rollout.sglang_engine import SGLangServerConfig, check_usable
 
@@ -264,6 +287,7 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         }
         if cfg.eval.every and step % cfg.eval.every == 0:
             record.update({f"heldout_{k}": v for k, v in evaluate(engine, heldout, reward, cfg).items()})
+            record.update({f"bench_{k}": v for k, v in score_benchmarks(engine, benchmarks, cfg).items()})
         metrics.log(record)
         if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
             ckpt.save(ckpt_dir, step, chunks, optimizer, scheduler, {"step": step}, meta, assets,
