@@ -16,21 +16,7 @@ import sys
 import time
 
 from dare_mega.errors import DareMegaError
-
-
-def evaluate(engine, records: list[dict], reward: str, params, batch_size: int = 32) -> list[dict]:
-    """Completions and scores for the records, in order (batches of `batch_size` prompts)."""
-    from tqdm import tqdm
-
-    from dare_mega.rewards import score
-
-    out = []
-    for start in tqdm(range(0, len(records), batch_size), desc="eval", unit="batch", leave=False):
-        chunk = records[start : start + batch_size]
-        for record, completion in zip(chunk, engine.generate([r["prompt"] for r in chunk], params)):
-            out.append({"id": record.get("id", record["_source"]), "prompt": record["prompt"],
-                        "completion": completion.text, "score": score(reward, completion.text, record)})
-    return out
+from dare_mega.eval.scoring import evaluate
 
 
 def main(argv=None) -> int:

@@ -76,59 +76,15 @@ def evaluate(engine, records, reward, cfg: RLConfig) -> dict:
     }
 
 
-def score_benchmarks(engine, benchmarks: dict, cfg: RLConfig) -> dict:
-    """Greedy accuracy on each benchmark (dare_mega.eval's scorer); every rank computes the same numbers."""
-    from dare_mega.eval.__main__ import evaluate as evaluate_items
-    from dare_mega.eval.benchmarks import BENCHMARKS
+def bench_sampling(cfg: RLConfig):
+    """Greedy decoding with the rollout's policy, for benchmark files (their own default lengths)."""
     from dare_mega.rollout.types import SamplingParams
 
-    out = {}
-    for task, records in benchmarks.items():
-        params = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens or BENCHMARKS[task].max_new_tokens,
-                                policy=cfg.rollout.policy, threshold=cfg.rollout.threshold, temperature=0.0)
-        items = evaluate_items(engine, records, BENCHMARKS[task].reward, params)
-        out[task] = sum(i["score"] for i in items) / max(len(items), 1)
-    return out
+    def params(benchmark):
+        return SamplingParams(max_new_tokens=cfg.eval.max_new_tokens or benchmark.max_new_tokens,
+                              policy=cfg.rollout.policy, threshold=cfg.rollout.threshold, temperature=0.0)
 
-
-def native_rollout(cfg: RLConfig, hf_dir: str, env):
-    """The default backend: a native engine in this process, refreshed in process (InProcessTransport)."""
-    from dare_mega.rollout.engine import NativeEngine
-    from dare_mega.weight_sync.transports import InProcessTransport
-
-    engine = NativeEngine.from_pretrained(hf_dir, device=str(env.device))
-    return engine, InProcessTransport(engine)
-
-
-def sglang_rollout(cfg: RLConfig, hf_dir: str, env):
-    """rollout.backend=sglang: running servers (sglang.urls); weights through the configured transport."""
-    from megatron.core import parallel_state as ps
-
-    from dare_mega.models.builder import load_model_args
-    from dare_mega.rollout.engine import _load_tokenizer
-    from dare_mega.rollout.sglang_engine import SGLangEngine, SGLangServerConfig
-    from dare_mega.rollout.sglang_client import SGLangClient
-    from dare_mega.weight_sync import transports
-
-    s = cfg.sglang
-    args = load_model_args(hf_dir, cfg.model.mask_token_id, cfg.model.block_size)
-    server = SGLangServerConfig(hf_dir, tp=s.engine_tp, dllm_algorithm=s.dllm_algorithm)
-    engine = SGLangEngine.connect(s.urls, server, s.batch_size, _load_tokenizer(hf_dir),
-                                  args.diffusion.block_size, first=ps.get_data_parallel_rank())
-    clients = [SGLangClient(url) for url in s.urls]
-    if s.transport == "colocated":
-        if env.world_size != s.engine_tp * len(clients):
-            raise ConfigError(f"sglang.transport=colocated: {len(clients)} servers x engine_tp={s.engine_tp} GPUs "
-                              f"must be the {env.world_size} trainer ranks")
-        transport = transports.ColocatedTensorTransport(
-            clients, [list(range(i * s.engine_tp, (i + 1) * s.engine_tp)) for i in range(len(clients))])
-    elif s.transport == "distributed":
-        transport = transports.DistributedTransport(clients, [s.engine_tp] * len(clients),
-                                                    s.master_address or os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                                                    s.master_port)
-    else:
-        transport = transports.DiskTransport(clients, s.weights_dir or os.path.join(cfg.run_dir, "weights"), hf_dir)
-    return engine, transport
+    return params
 
 
 def run(cfg: RLConfig, rollout_backend=None) -> dict:
@@ -148,6 +104,8 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     from dare_mega.trainer import checkpoint as ckpt
     from dare_mega.trainer.metrics import Metrics
     from dare_mega.trainer.sft import build_optimizer, ensure_model_dir, preflight, training_meta
+    from dare_mega.eval.scoring import score_benchmarks
+    from dare_mega.trainer.backends import native_rollout, sglang_rollout
     from dare_mega.weight_sync.export import WeightExporter
     from dare_mega.weight_sync.sync import WeightSync
 
@@ -287,7 +245,7 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         }
         if cfg.eval.every and step % cfg.eval.every == 0:
             record.update({f"heldout_{k}": v for k, v in evaluate(engine, heldout, reward, cfg).items()})
-            record.update({f"bench_{k}": v for k, v in score_benchmarks(engine, benchmarks, cfg).items()})
+            record.update({f"bench_{k}": v for k, v in score_benchmarks(engine, benchmarks, bench_sampling(cfg)).items()})
         metrics.log(record)
         if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
             ckpt.save(ckpt_dir, step, chunks, optimizer, scheduler, {"step": step}, meta, assets,
