@@ -27,13 +27,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def model_config() -> dict:
-    from dare_mega.models.presets import load_preset
+    from _models import small_sdar_moe
 
-    cfg = load_preset("tiny-sdar-moe")
-    cfg.update(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512,
-               num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
-               vocab_size=512, max_position_embeddings=4096)
-    return cfg
+    return small_sdar_moe(vocab_size=512)
 
 
 def patterns(count: int, length: int, generator: torch.Generator) -> torch.Tensor:

@@ -30,13 +30,11 @@ sys.path.insert(0, REPO)
 
 
 def model_config(layers: int, experts: int) -> dict:
-    from dare_mega.models.presets import load_preset
+    from _models import small_sdar_moe
 
-    cfg = load_preset("tiny-sdar-moe")
-    cfg.update(hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, head_dim=64, intermediate_size=2048,
-               num_hidden_layers=layers, num_experts=experts, num_experts_per_tok=4, moe_intermediate_size=512,
-               max_position_embeddings=4096)
-    return cfg
+    return small_sdar_moe(hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, intermediate_size=2048,
+                          num_hidden_layers=layers, num_experts=experts, num_experts_per_tok=4,
+                          moe_intermediate_size=512)
 
 
 class PeakRSS:
