@@ -45,16 +45,19 @@ def test_missing_or_malformed_datasets_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"gsm8k: expected the dataset at .*gsm8k/test.jsonl .*never downloaded"):
         load("gsm8k", str(tmp_path))
     write(tmp_path, "gsm8k/test.jsonl", [{"question": "q"}])
-    with pytest.raises(ConfigError, match=r"test.jsonl:1: not a gsm8k line \(KeyError"):
+    with pytest.raises(ConfigError, match=r"test.jsonl:1: not a gsm8k item \(KeyError"):
         load("gsm8k", str(tmp_path))
-    with pytest.raises(ConfigError, match="benchmark 'gsm9k'; known: gsm8k, humaneval, math500, mbpp"):
+    with pytest.raises(ConfigError, match="benchmark 'gsm9k'; known: aime2024, .*gsm8k, hellaswag, humaneval"):
         load("gsm9k", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"mmlu: expected a folder of per-subject files at .*mmlu/test"):
+        load("mmlu", str(tmp_path))
 
 
 def test_cli_scores_every_item_and_checks_data_first(tiny_dir, tmp_path):
     write(tmp_path / "data", "gsm8k/test.jsonl", GSM8K)
     write(tmp_path / "data", "humaneval/HumanEval.jsonl", HUMANEVAL)
-    command = [sys.executable, "-m", "dare_mega.eval", "--hf", tiny_dir["sdar_moe"], "--data", str(tmp_path / "data"),
+    command = [sys.executable, "-m", "dare_mega.eval", "--harness", "native", "--hf", tiny_dir["sdar_moe"],
+               "--data", str(tmp_path / "data"),
                "--out", str(tmp_path / "out"), "--max-new-tokens", "8"]
     missing = subprocess.run([*command, "--tasks", "gsm8k,mbpp"], cwd=REPO, env=clean_env(), capture_output=True,
                              text=True, timeout=300)

@@ -1,1 +1,1 @@
-"""Evaluation on local benchmark files with the project's own scorer (the OpenCompass plugin is next)."""
+"""Benchmark evaluation: local benchmark files scored through OpenCompass (compass.py) or the project's own loop."""

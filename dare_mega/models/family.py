@@ -5,7 +5,7 @@ Families register themselves in dare_mega/models/__init__.py; `family_for(archit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from dare_mega.errors import ConfigError
@@ -26,6 +26,9 @@ class ModelFamily:
     # under the checkpoint's names
     reference: Callable | None = None
     reference_named_tensors: Callable | None = None
+    # the decoding the model's authors report (SamplingParams fields; block size comes from the checkpoint):
+    # what evaluation uses unless told otherwise
+    decoding: dict = field(default_factory=dict)
 
 
 _FAMILIES: dict[str, ModelFamily] = {}

@@ -8,7 +8,13 @@
   record["target"] (parsed with `ast`, never `eval`);
 - sudoku: a full grid (digits, any separators) that keeps record["puzzle"]'s givens and is valid;
 - code: the completion's code with record["tests"] appended runs in the sandbox (rewards/sandbox.py) and
-  passes (exit status 0, no timeout, output under its cap).
+  passes (exit status 0, no timeout, output under its cap);
+- humaneval: the HumanEval program (the prompt's signature + completion, or the model's whole function) and
+  its check() run in the sandbox;
+- choice: the letter the answer picks ('ANSWER: X', \\boxed{X}, 'the answer is (X)', or a leading 'X.') is
+  record["answer"], among record["letters"];
+- bbh: the phrase after the last 'the answer is' equals record["answer"] (case and a trailing period aside;
+  '(A)' targets also accept 'A').
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import re
 from dare_mega.errors import ConfigError
 
 REWARDS = {}
-REQUIRED_FIELDS = {"math": ("answer",), "arithmetic": ("answer",), "exact": ("answer",),
+REQUIRED_FIELDS = {"math": ("answer",), "arithmetic": ("answer",), "exact": ("answer",), "choice": ("answer",),
+                   "bbh": ("answer",),
                    "countdown": ("numbers", "target"), "sudoku": ("puzzle",), "code": ("tests",),
                    "humaneval": ("prefix", "tests")}
 
@@ -151,6 +158,38 @@ def humaneval_reward(text: str, record: dict) -> float:
     from dare_mega.rewards.sandbox import Limits, run_python
 
     return 1.0 if run_python(humaneval_program(text, record), Limits(wall_seconds=10.0)).ok else 0.0
+
+
+def choice_letter(text: str, letters: str = "ABCD") -> str | None:
+    """The option a multiple-choice answer picks, or None."""
+    set_ = f"[{re.escape(letters)}]"
+    patterns = [rf"ANSWER\s*:\s*\(?({set_})\)?", rf"\\boxed{{\(?({set_})\)?}}",
+                rf"answer is:?\s*\(?({set_})\)?(?![A-Za-z])"]
+    for pattern in patterns:
+        found = re.findall(pattern, text, flags=re.I if pattern.startswith("answer") else 0)
+        if found:
+            return found[-1].upper()
+    lead = re.match(rf"\s*\(?({set_})\)?(?:[.):\s]|$)", text)
+    return lead.group(1) if lead else None
+
+
+@register("choice")
+def choice_reward(text: str, record: dict) -> float:
+    return 1.0 if choice_letter(text, record.get("letters", "ABCD")) == str(record["answer"]).strip() else 0.0
+
+
+def _bbh_phrase(text: str) -> str:
+    tail = re.split(r"answer is:?", text, flags=re.I)[-1]
+    line = tail.strip().split("\n")[0].strip()
+    return line.rstrip(".").strip().lower()
+
+
+@register("bbh")
+def bbh_reward(text: str, record: dict) -> float:
+    target, said = str(record["answer"]).strip().lower(), _bbh_phrase(text)
+    if re.fullmatch(r"\([a-z]\)", target):  # multiple choice: "(A)" or "A" (then anything)
+        return 1.0 if re.match(rf"\(?{target[1]}\)?(?![a-z])", said) else 0.0
+    return 1.0 if said == target else 0.0
 
 
 def score(name: str, text: str, record: dict, log=None) -> float:

@@ -27,5 +27,7 @@ LLADA2 = register(
         default_block_size=config.BLOCK_SIZE,
         reference=_reference,
         reference_named_tensors=_reference_named_tensors,
+        # LLaDA2 generate(): temperature 0, steps 32 per block, threshold 0.95
+        decoding={"policy": "low_confidence_dynamic", "threshold": 0.95, "steps": 32, "temperature": 0.0},
     )
 )

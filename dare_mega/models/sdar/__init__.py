@@ -27,5 +27,7 @@ SDAR = register(
         default_block_size=config.BLOCK_SIZE,
         reference=_reference,
         reference_named_tensors=_reference_named_tensors,
+        # SDAR README / JetEngine: dynamic low-confidence unmasking at threshold 0.9, greedy
+        decoding={"policy": "low_confidence_dynamic", "threshold": 0.9, "temperature": 0.0},
     )
 )
