@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--port", type=int, default=29531)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--out", help="where the result goes (default benchmarks/results/rl_step-<device>.json)")
     args = p.parse_args()
 
     import torch
@@ -98,8 +99,8 @@ def main() -> None:
            f"{args.threads} threads)", "model": {k: model_config()[k] for k in ("hidden_size", "num_hidden_layers",
            "num_experts", "num_experts_per_tok", "block_size")}, "settings": vars(args), "variants": results,
            "speedup_end_to_end": speedup}
-    os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
-    path = os.path.join(REPO, "benchmarks", "results", f"rl_step-{device}.json")
+    path = args.out or os.path.join(REPO, "benchmarks", "results", f"rl_step-{device}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {path}")

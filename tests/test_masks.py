@@ -75,7 +75,9 @@ def test_flex_and_sdpa_agree(kind):
     mask = two_stream_mask(positions, 4) if kind == "two-stream" else inference_mask(positions, 4)
     g = torch.Generator().manual_seed(0)
     b, s = mask.batch_size, mask.q_len
-    q, k, v = (torch.randn(b, h, s, 16, generator=g) for h in (4, 2, 2))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU: the compiled FlexAttention kernel
+    mask = mask.to(device)
+    q, k, v = (torch.randn(b, h, s, 16, generator=g).to(device) for h in (4, 2, 2))
     sdpa = attend(q, k, v, mask, 0.25, "sdpa")
     flex = attend(q, k, v, mask, 0.25, "flex")
     assert (sdpa - flex).abs().max().item() <= 1e-5
@@ -98,8 +100,10 @@ def dense_model(tiny_dir, world1):
 
 def _logits(model, args, noisy, clean, positions):
     ids, pos = two_stream_inputs(noisy, clean, positions)
+    device = next(model.parameters()).device
+    mask = two_stream_mask(positions, args.diffusion.block_size).to(device)
     with torch.no_grad():
-        return model(ids, pos, two_stream_mask(positions, args.diffusion.block_size))[..., : args.vocab_size]
+        return model(ids.to(device), pos.to(device), mask)[..., : args.vocab_size].cpu()
 
 
 def _changed_blocks(before, after, n, block):

@@ -40,7 +40,9 @@ class Oracle:
             positions = torch.arange(end)[None]
             blocks = positions[0] // BLOCK
             attend = (blocks[None, :] <= blocks[:, None])[None]  # block-causal
-            logp = torch.log_softmax(self.model(tokens, positions, attend)[0].double(), -1)
+            device = self.model.device
+            logits = self.model(tokens.to(device), positions.to(device), attend.to(device))
+            logp = torch.log_softmax(logits[0].double().cpu(), -1)
             self.memo[key] = {p: float(logp[p, clean[p]]) for p in masked}
         return self.memo[key]
 
@@ -368,8 +370,9 @@ def test_policy_gradient_is_the_exact_gradient_of_the_loss(setup, trainable, nam
     assert name == "spg" or (stats["ratio_max_dev"] > 0 and stats["clipped"] > 0)  # SPG has no ratio
 
     plain.zero_grad()
-    logits = plain(batch.input_ids, batch.position_ids, batch.mask)
-    direct_lp = laid.unpack(vocab_parallel_log_probs(logits, batch.labels, args.vocab_size)[:, :n])
+    device = next(plain.parameters()).device
+    logits = plain(batch.input_ids.to(device), batch.position_ids.to(device), batch.mask.to(device))
+    direct_lp = laid.unpack(vocab_parallel_log_probs(logits, batch.labels.to(device), args.vocab_size)[:, :n].cpu())
     q_rollout = [torch.tensor(s.rollout_logprobs) for s in samples] if name == "trajectory" else None
     loss, _ = policy_loss(estimator, estimator.quantities(direct_lp, plan), [q.float() for q in q_old], samples, cfg,
                           len(samples), q_rollout=q_rollout, total_length=total_length)

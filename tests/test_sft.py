@@ -133,8 +133,9 @@ def test_no_attention_crosses_packed_documents(tiny_dir, world1):
 
     def logits(r):
         batch = sft_batch([r], obj, args.diffusion.mask_token_id, 4, [torch.Generator().manual_seed(1)])
+        device = next(model.parameters()).device
         with torch.no_grad():
-            return model(batch.input_ids, batch.position_ids, batch.mask)
+            return model(batch.input_ids.to(device), batch.position_ids.to(device), batch.mask.to(device)).cpu()
 
     base = logits(row)
     changed = PackedRow([(t + 3) % 200 if i < 12 else t for i, t in enumerate(row.ids)], row.positions,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -183,7 +184,8 @@ def run(config_path: str, work_dir: str) -> str:
     finally:
         sys.argv = argv
         os.chdir(cwd)
-    new = sorted(set(os.listdir(work_dir)) - before)
+    # OpenCompass names each run by its start time (YYYYMMDD_HHMMSS); tmp/ and .cache/ sit beside them
+    new = sorted(d for d in set(os.listdir(work_dir)) - before if re.fullmatch(r"\d{8}_\d{6}", d))
     if not new:
         raise ConfigError(f"OpenCompass wrote no run under {work_dir}")
     return os.path.join(work_dir, new[-1])

@@ -99,8 +99,8 @@ def build_model(args: ModelArgs, layout: ParallelLayout, options: RuntimeOptions
             rotary_base=int(args.rope_theta) if float(args.rope_theta).is_integer() else args.rope_theta,
             vp_stage=vp,
         )
-        if torch.cuda.is_available():
-            model.cuda(torch.cuda.current_device())
+        if torch.cuda.is_available() and not any(p.is_meta for p in model.parameters()):
+            model.cuda(torch.cuda.current_device())  # a model built on meta (save_from_hf) only describes shards
         model.dare_args = args  # the architecture travels with the model (mapping, export, weight sync)
         chunks.append(model)
     return chunks

@@ -325,6 +325,7 @@ class Redirect:
     reason: str
     apply: Callable[[], None]
     still_needed: Callable[[], bool]
+    cpu_only: bool = True  # False: an upstream bug that GPUs without Transformer Engine hit too
 
 
 REDIRECTS: tuple[Redirect, ...] = (
@@ -336,7 +337,7 @@ REDIRECTS: tuple[Redirect, ...] = (
              "generator instead", _redirect_rng, _probe_rng),
     Redirect("te_general_gemm", "upstream bug: without Transformer Engine moe_utils never defines "
              "te_general_gemm and the router raises NameError: define it as None",
-             _redirect_te_general_gemm, _probe_te_general_gemm),
+             _redirect_te_general_gemm, _probe_te_general_gemm, cpu_only=False),
     Redirect("split_sizes", "the alltoall dispatcher hands all_to_all_single a tensor of split sizes when "
              "it is already on the CPU: give it the numpy array it gets on GPUs",
              _redirect_split_sizes, _probe_split_sizes),
@@ -356,10 +357,14 @@ def needed() -> bool:
 
 
 def apply(force: bool = False) -> bool:
-    """Apply every redirect once when CUDA is absent (or when `force`). Returns whether they are active."""
+    """Apply every redirect once when CUDA is absent (or when `force`); fixes of upstream bugs that GPUs without
+    Transformer Engine hit too (cpu_only=False) apply on every device. Returns whether the CPU redirects are active."""
     global _APPLIED
     if _APPLIED:
         return True
+    for redirect in REDIRECTS:
+        if not redirect.cpu_only:  # on every device (each apply is idempotent)
+            redirect.apply()
     if not (force or needed()):
         return False
     for redirect in REDIRECTS:

@@ -40,8 +40,7 @@ def _free_port() -> int:
 def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> DistEnv:
     """Initialise torch.distributed from torchrun's environment variables (idempotent)."""
     use_cuda = torch.cuda.is_available()
-    if not use_cuda:
-        cpu_compat.apply()
+    cpu_compat.apply()  # the CPU redirects when CUDA is absent; upstream fixes (no Transformer Engine) always
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
