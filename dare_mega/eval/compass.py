@@ -119,7 +119,10 @@ class RewardEvaluator(BaseEvaluator):
 def model_config(hf: str, backend: str = "native", urls=(), device: str | None = None, dtype: str = "float32",
                  batch_size: int = 32, decoding: dict | None = None, abbr: str | None = None) -> dict:
     """An OpenCompass `models` entry for a checkpoint."""
-    gpus = 1 if backend == "native" and (device or "").startswith("cuda") else 0
+    import torch
+
+    on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    gpus = 1 if backend == "native" and on_gpu else 0  # what OpenCompass's runners reserve outside --debug
     return dict(type=DareMegaDLLM, abbr=abbr or os.path.basename(os.path.normpath(hf)), path=os.path.abspath(hf),
                 backend=backend, urls=list(urls), device=device, dtype=dtype, decoding=dict(decoding or {}),
                 batch_size=batch_size, run_cfg=dict(num_gpus=gpus))

@@ -28,8 +28,8 @@ def sglang_rollout(cfg: RLConfig, hf_dir: str, env):
 
     from dare_mega.models.builder import load_model_args
     from dare_mega.rollout.engine import _load_tokenizer
-    from dare_mega.rollout.sglang_engine import SGLangEngine, SGLangServerConfig
     from dare_mega.rollout.sglang_client import SGLangClient
+    from dare_mega.rollout.sglang_engine import SGLangEngine, SGLangServerConfig
     from dare_mega.weight_sync import transports
 
     s = cfg.sglang

@@ -96,16 +96,16 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     from dare_mega.algorithms.policy import LossConfig, group_advantages
     from dare_mega.algorithms.rl import policy_update
     from dare_mega.checkpoint.torch_dist import load_into
+    from dare_mega.eval.scoring import score_benchmarks
     from dare_mega.models.builder import build_from_hf, mapping_for
     from dare_mega.models.runner import Runner, wrap_for_training
     from dare_mega.models.transformer_config import RuntimeOptions
     from dare_mega.parallel import destroy_distributed, init_distributed, init_model_parallel
     from dare_mega.rewards import score
     from dare_mega.trainer import checkpoint as ckpt
+    from dare_mega.trainer.backends import native_rollout, sglang_rollout
     from dare_mega.trainer.metrics import Metrics
     from dare_mega.trainer.sft import build_optimizer, ensure_model_dir, preflight, training_meta
-    from dare_mega.eval.scoring import score_benchmarks
-    from dare_mega.trainer.backends import native_rollout, sglang_rollout
     from dare_mega.weight_sync.export import WeightExporter
     from dare_mega.weight_sync.sync import WeightSync
 

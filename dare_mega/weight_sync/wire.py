@@ -62,8 +62,9 @@ def serialize(obj) -> str:
         return MultiprocessingSerializer.serialize(obj, output_str=True)
     except Exception:
         pass
-    import torch.multiprocessing  # noqa: F401  (registers torch's reductions with ForkingPickler)
     from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers torch's reductions with ForkingPickler)
 
     buffer = io.BytesIO()
     if any(t.device.type == "cuda" for t in _tensors(obj)):

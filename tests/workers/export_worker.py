@@ -28,8 +28,13 @@ def save_live(chunks, hf_dir: str, out_dir: str, layout) -> None:
     from megatron.core import dist_checkpointing
 
     from dare_mega.checkpoint.safetensors_io import CheckpointReader
-    from dare_mega.checkpoint.torch_dist import (ASSETS_DIR, FORMAT_VERSION, META_FILE, dtype_name,
-                                                 model_sharded_state_dict)
+    from dare_mega.checkpoint.torch_dist import (
+        ASSETS_DIR,
+        FORMAT_VERSION,
+        META_FILE,
+        dtype_name,
+        model_sharded_state_dict,
+    )
     from dare_mega.models.builder import load_model_args
     from dare_mega.models.transformer_config import padded_vocab_size
 
