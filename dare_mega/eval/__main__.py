@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from dare_mega.errors import ConfigError, DareMegaError
+from dare_mega.errors import ConfigError, exit_status
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -97,26 +97,24 @@ def opencompass(options, tasks, decoding) -> dict:
     return compass.collect(run_dir, compass.model_config(**model)["abbr"], tasks, options.out)
 
 
+def evaluate(options) -> None:
+    tasks, decoding = _check(options)
+    os.makedirs(options.out, exist_ok=True)
+    clock = time.perf_counter()
+    scores = (native if options.harness == "native" else opencompass)(options, tasks, decoding)
+    with open(os.path.join(options.out, "scores.json"), "w") as f:
+        json.dump(scores, f, indent=2)
+    for task, value in scores.items():
+        print(f"{task}: {value:.4f}", flush=True)
+    print(f"eval ({options.harness}): {len(tasks)} task(s) in {time.perf_counter() - clock:.1f} s; scores in "
+          f"{os.path.join(options.out, 'scores.json')}", flush=True)
+
+
 def main(argv=None) -> int:
     options = _parser().parse_args(argv)
     for key, value in OFFLINE.items():
         os.environ.setdefault(key, value)
-    try:
-        tasks, decoding = _check(options)
-        os.makedirs(options.out, exist_ok=True)
-        clock = time.perf_counter()
-        scores = (native if options.harness == "native" else opencompass)(options, tasks, decoding)
-        with open(os.path.join(options.out, "scores.json"), "w") as f:
-            json.dump(scores, f, indent=2)
-        for task, value in scores.items():
-            print(f"{task}: {value:.4f}", flush=True)
-        print(f"eval ({options.harness}): {len(tasks)} task(s) in {time.perf_counter() - clock:.1f} s; scores in "
-              f"{os.path.join(options.out, 'scores.json')}", flush=True)
-    except DareMegaError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
-
+    return exit_status(lambda: evaluate(options))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from dare_mega.config import load_config, to_dict
-from dare_mega.errors import ConfigError, DareMegaError
+from dare_mega.errors import ConfigError, exit_status
 from dare_mega.trainer.config import RLConfig
 
 
@@ -270,12 +270,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*")
     options = p.parse_args(argv)
     overrides = list(options.overrides) + ([f"checkpoint.resume={options.resume}"] if options.resume else [])
-    try:
-        run(load_config(RLConfig, options.config, overrides))
-    except DareMegaError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return exit_status(lambda: run(load_config(RLConfig, options.config, overrides)))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dare_mega.config import load_config, to_dict
-from dare_mega.errors import ConfigError, DareMegaError
+from dare_mega.errors import ConfigError, exit_status
 from dare_mega.trainer.config import SFTConfig
 
 
@@ -221,13 +221,7 @@ def _assets_dir(hf_dir: str, run_dir: str, env) -> str:
 def main(argv=None) -> int:
     options = parse_args(argv)
     overrides = list(options.overrides) + ([f"checkpoint.resume={options.resume}"] if options.resume else [])
-    try:
-        cfg = load_config(SFTConfig, options.config, overrides)
-        run(cfg)
-    except DareMegaError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return exit_status(lambda: run(load_config(SFTConfig, options.config, overrides)))
 
 
 if __name__ == "__main__":
