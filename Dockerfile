@@ -4,6 +4,11 @@
 #   docker run --gpus all --ipc=host --network=host -v /data:/data -v /ckpt:/ckpt dare_mega:latest \
 #       bash examples/sft_sdar_moe.sh model.hf=/ckpt/SDAR-30B-A3B-Chat data.train=/data/sft.jsonl
 #
+# RL with code rewards runs each sample in nsjail, which needs namespaces Docker's defaults forbid; add
+#   --security-opt seccomp=unconfined --security-opt apparmor=unconfined --cap-add SYS_ADMIN
+# (and -v /sys/fs/cgroup:/sys/fs/cgroup:rw for a memory cgroup per sample), or use a SandboxFusion server
+# (reward.code.backend=sandbox_fusion). Without either, the trainer refuses code rewards at start-up.
+#
 # Versions are the ones pyproject.toml pins (tests/test_docker.py checks that they agree). SGLang 0.5.23
 # needs torch 2.14.1, so the image uses that torch; CPU machines use 2.13.0 (configs/constraints.txt).
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda12.8-cudnn9-devel

@@ -94,3 +94,21 @@ def test_rl_loop_scores_benchmarks_every_n_steps(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2] and all(0.0 <= s["bench_gsm8k"] <= 1.0 for s in steps)
+
+
+def test_cli_refuses_code_benchmarks_without_isolation_unless_told(tiny_dir, tmp_path):
+    write(tmp_path / "data", "humaneval/HumanEval.jsonl", HUMANEVAL)
+    command = [sys.executable, "-m", "dare_mega.eval", "--harness", "native", "--hf", tiny_dir["sdar_moe"],
+               "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--max-new-tokens", "4",
+               "--tasks", "humaneval", "--reward", "code.nsjail=/bin/false"]
+    refused = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "code rewards refused" in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # before the model was loaded
+    allowed = subprocess.run([*command, "--reward", "code.allow_unisolated=true"], cwd=REPO, env=clean_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "WARNING: reward.code.allow_unisolated=true" in allowed.stderr and "UNISOLATED" in allowed.stdout
+    assert "humaneval" in json.loads((tmp_path / "out" / "scores.json").read_text())
+    bad = subprocess.run([*command[:-2], "--reward", "code.wall_seconds=0"], cwd=REPO, env=clean_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "reward.code.wall_seconds=0" in bad.stderr

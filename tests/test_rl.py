@@ -1,13 +1,10 @@
-"""The RL loop end to end: the default example learns, layouts agree on a step, the code sandbox holds, bad input."""
+"""The RL loop end to end: the default example learns, layouts agree on a step, code rewards, bad input."""
 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 from conftest import REPO, clean_env, free_port, torchrun
@@ -113,73 +110,6 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
     assert worst <= 1e-5, worst
 
 
-# ---- the code sandbox ------------------------------------------------------------------------------------
-GOOD = "```python\ndef add(a, b):\n    return a + b\n```"
-TESTS = {"tests": "assert add(2, 3) == 5", "prompt": "write add"}
-
-
-class Listener:
-    """A loopback TCP server that records whether anything connected."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen()
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.connected = False
-        self.stop = False
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-
-    def serve(self):
-        while not self.stop:
-            try:
-                conn, _ = self.sock.accept()
-                self.connected = True
-                conn.close()
-            except OSError:
-                pass
-
-    def close(self):
-        self.stop = True
-        self.thread.join()
-        self.sock.close()
-
-
-def test_sandbox_scores_a_correct_solution():
-    assert score("code", GOOD, TESTS) == 1.0
-    assert score("code", GOOD.replace("a + b", "a - b"), TESTS) == 0.0
-
-
-@pytest.mark.parametrize("case", ["infinite loop", "fork bomb", "10 GB allocation", "write outside", "network",
-                                  "100 MB print", "subprocess", "busy children"])
-def test_sandbox_stops_hostile_code(case, tmp_path):
-    outside = tmp_path / "escaped.txt"
-    listener = Listener()
-    programs = {
-        "infinite loop": "while True:\n    pass",
-        "fork bomb": "import os\nwhile True:\n    os.fork()",
-        "10 GB allocation": "x = bytearray(10 * 1024 ** 3)",
-        "write outside": f"open({str(outside)!r}, 'w').write('x')",
-        "network": f"import socket\nsocket.create_connection(('127.0.0.1', {listener.port}), timeout=2)",
-        "100 MB print": "import sys\nsys.stdout.write('x' * (100 * 1024 ** 2))",
-        "subprocess": f"import subprocess\nsubprocess.run(['touch', {str(outside)!r}])",
-        "busy children": "import multiprocessing\n[multiprocessing.Process(target=lambda: None).start() for _ in "
-                         "range(1000)]",
-    }
-    code = "```python\n" + programs[case] + "\ndef add(a, b):\n    return a + b\n```"
-    started = time.monotonic()
-    try:
-        value = score("code", code, {**TESTS, "timeout": 3})
-    finally:
-        listener.close()
-    assert value == 0.0
-    assert time.monotonic() - started < 30
-    assert not outside.exists() and not listener.connected
-    assert score("code", GOOD, TESTS) == 1.0  # and the caller goes on
-
-
 # ---- bad input -------------------------------------------------------------------------------------------
 def run_cli(tmp_path, *overrides):
     return subprocess.run([sys.executable, "-m", "dare_mega.trainer.rl", "--config", RL_RECIPE,
@@ -204,7 +134,7 @@ def test_unknown_algorithm_and_reward(tmp_path):
 
 
 def test_a_raising_reward_is_logged_and_scored_zero():
-    def broken(text, record):
+    def broken(text, record, settings):
         raise KeyError("expected_output")
 
     REWARDS["broken"] = broken
@@ -252,3 +182,33 @@ def test_cluster_recipes_fit_their_models(recipe, preset, world):
     layout.check_world(world)
     if recipe.startswith("rl_"):
         assert cfg.rollout.prompts_per_step % (world // (layout.tp * layout.pp)) == 0
+
+
+# ---- code rewards in the loop ------------------------------------------------------------------------------
+def code_prompts(tmp_path):
+    data = tmp_path / "code.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"add{i}", "tests": f"assert add({i}, 1) == {i + 1}\n"}) + "\n"
+                            for i in range(6)))
+    return data
+
+
+def test_a_code_reward_runs_in_the_loop(tmp_path):
+    """One RL step on code prompts: the rewards are judged in the jail and the per-test pass rate is logged."""
+    proc = run_cli(tmp_path, "task.name=file", f"task.train={code_prompts(tmp_path)}", "task.reward=code",
+                   "task.heldout=2", "train.steps=1", "rollout.prompts_per_step=2", "rollout.n=2", "eval.samples=1",
+                   "logging.progress=false", "checkpoint.every=100")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "reward code: nsjail" in proc.stdout
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["tests_passed"] is not None and 0.0 <= record["tests_passed"] <= 1.0
+    assert record["reward_timeouts"] == 0.0 and record["accuracy"] is None
+
+
+def test_code_rewards_without_isolation_are_refused_at_start_up(tmp_path):
+    data = code_prompts(tmp_path)
+    proc = run_cli(tmp_path, "task.name=file", f"task.train={data}", "task.reward=code", "task.heldout=1",
+                   "reward.code.nsjail=/bin/false")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "code rewards refused" in proc.stderr and "the jail did not start" in proc.stderr
+    assert "reward.code.allow_unisolated=true" in proc.stderr and "--cap-add SYS_ADMIN" in proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before any model, checkpoint or log

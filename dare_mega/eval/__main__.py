@@ -40,11 +40,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sglang-url", action="append", default=[], help="generate on this running SGLang server "
                    "(repeat for several); default: the native engine")
     p.add_argument("--device", default=None, help="native engine device (default: cuda when present)")
+    p.add_argument("--reward", action="append", default=[], metavar="KEY=VALUE",
+                   help="reward settings, as the RL config's reward section (repeat): e.g. workers=16, "
+                        "code.backend=sandbox_fusion, code.sandbox_fusion_url=http://host:8080, "
+                        "code.allow_unisolated=true (docs/algorithms.md)")
     return p
 
 
+def reward_settings(options):
+    from dare_mega.config import apply_overrides, from_dict
+    from dare_mega.rewards import RewardSettings
+
+    settings = from_dict(RewardSettings, apply_overrides({}, options.reward, "--reward"), "--reward")
+    settings.check("--reward")
+    return settings
+
+
 def _check(options) -> tuple[list[str], dict]:
-    from dare_mega.eval.benchmarks import data_path
+    from dare_mega.eval.benchmarks import BENCHMARKS, data_path
+    from dare_mega.rewards import prepare
 
     if not options.data:
         raise ConfigError("--data (or $COMPASS_DATA_CACHE) must name the directory of benchmark files")
@@ -57,6 +71,10 @@ def _check(options) -> tuple[list[str], dict]:
         decoding = json.loads(options.decoding)
     except ValueError as e:
         raise ConfigError(f"--decoding is not JSON: {e}") from None
+    settings = reward_settings(options)
+    for reward in dict.fromkeys(BENCHMARKS[t].reward for t in tasks):  # code rewards refused before the model
+        print(prepare(reward, settings, log=lambda m: print(m, file=sys.stderr, flush=True)), flush=True)
+    options.reward_settings = settings
     return tasks, decoding
 
 
@@ -74,7 +92,8 @@ def native(options, tasks, decoding) -> dict:
         bench = BENCHMARKS[task]
         params = SamplingParams(**{"seed": 0, **settings,
                                    "max_new_tokens": options.max_new_tokens or bench.max_new_tokens})
-        items = evaluate(engine, load(task, options.data, options.limit), bench.reward, params, options.batch_size)
+        items = evaluate(engine, load(task, options.data, options.limit), bench.reward, params, options.batch_size,
+                         options.reward_settings)
         with open(os.path.join(options.out, f"{task}.jsonl"), "w") as f:
             for item in items:
                 f.write(json.dumps(item) + "\n")
@@ -83,6 +102,8 @@ def native(options, tasks, decoding) -> dict:
 
 
 def opencompass(options, tasks, decoding) -> dict:
+    from dare_mega.config import to_dict
+
     try:
         from dare_mega.eval import compass
     except ImportError as e:
@@ -91,7 +112,7 @@ def opencompass(options, tasks, decoding) -> dict:
     model = dict(hf=os.path.abspath(options.hf), backend="sglang" if options.sglang_url else "native",
                  urls=options.sglang_url, device=options.device, batch_size=options.batch_size, decoding=decoding)
     datasets = dict(tasks=tasks, data_dir=os.path.abspath(options.data), limit=options.limit,
-                    max_new_tokens=options.max_new_tokens)
+                    max_new_tokens=options.max_new_tokens, reward_settings=to_dict(options.reward_settings))
     config = compass.write_config(os.path.join(os.path.abspath(options.out), "opencompass_config.py"), model, datasets)
     run_dir = compass.run(config, os.path.join(os.path.abspath(options.out), "opencompass"))
     return compass.collect(run_dir, compass.model_config(**model)["abbr"], tasks, options.out)

@@ -14,7 +14,6 @@ import glob
 import json
 import os
 import random
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -183,11 +182,3 @@ def load(name: str, data_dir: str, limit: int | None = None) -> list[dict]:
         if limit and len(records) >= limit:
             break
     return records
-
-
-def humaneval_program(text: str, record: dict) -> str:
-    """The program HumanEval runs: a fenced block if the model wrote one (a whole function), else the prompt's
-    signature followed by the completion (a function body)."""
-    blocks = re.findall(r"```(?:python)?\n(.*?)```", text, flags=re.S)
-    body = blocks[-1] if blocks else record["prefix"] + text
-    return body + "\n\n" + record["tests"]

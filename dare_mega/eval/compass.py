@@ -7,8 +7,8 @@
 - `LocalBenchmarkDataset` (LOAD_DATASET) reads a benchmark from a local directory with the same table as
   the project's own scorer (dare_mega/eval/benchmarks.py): OpenCompass never resolves a dataset id, so it
   never downloads.
-- `RewardEvaluator` (ICL_EVALUATORS) scores with dare_mega's rewards: math-verify for answers, the code
-  sandbox (time, memory, file and network limits) for HumanEval and MBPP.
+- `RewardEvaluator` (ICL_EVALUATORS) scores with dare_mega's rewards, concurrently: math-verify for answers,
+  the code judge in its sandbox (nsjail or SandboxFusion, `reward` settings) for HumanEval and MBPP.
 
 `run(...)` writes a config that uses the three, runs OpenCompass on it in this process, and gathers its
 summary, scores and per-item predictions under one directory.
@@ -98,20 +98,27 @@ class LocalBenchmarkDataset(BaseDataset):
 class RewardEvaluator(BaseEvaluator):
     """Accuracy under a dare_mega reward (code runs in the sandbox)."""
 
-    def __init__(self, reward: str, pred_postprocessor=None):
+    def __init__(self, reward: str, settings: dict | None = None, pred_postprocessor=None):
+        from dare_mega.config import from_dict
+        from dare_mega.rewards import RewardSettings
+
         super().__init__(pred_postprocessor=pred_postprocessor)
         self.reward = reward
+        self.settings = from_dict(RewardSettings, settings or {}, "RewardEvaluator settings")
 
     def score(self, predictions, references):
-        from dare_mega.rewards import score
+        from dare_mega.rewards import score_many
 
         if len(predictions) != len(references):
             return {"error": f"{len(predictions)} predictions for {len(references)} references"}
+        records = [json.loads(reference) for reference in references]
+        outcomes = score_many(self.reward, list(predictions), records, self.settings,
+                              log=lambda m: print(m, file=sys.stderr))
         details = []
-        for prediction, reference in zip(predictions, references):
-            record = json.loads(reference)
-            value = score(self.reward, prediction, record, log=lambda m: print(m, file=sys.stderr))
-            details.append({"id": record["id"], "pred": prediction, "score": value, "correct": value == 1.0})
+        for prediction, record, outcome in zip(predictions, records, outcomes):
+            details.append({"id": record["id"], "pred": prediction, "score": outcome.score,
+                            "correct": outcome.score == 1.0, "tests_passed": outcome.tests_passed,
+                            "tests_total": outcome.tests_total})
         total = sum(d["score"] for d in details)
         return {"accuracy": 100.0 * total / max(len(details), 1), "details": details}
 
@@ -128,7 +135,8 @@ def model_config(hf: str, backend: str = "native", urls=(), device: str | None =
                 batch_size=batch_size, run_cfg=dict(num_gpus=gpus))
 
 
-def dataset_configs(tasks, data_dir: str, limit: int | None = None, max_new_tokens: int | None = None) -> list:
+def dataset_configs(tasks, data_dir: str, limit: int | None = None, max_new_tokens: int | None = None,
+                    reward_settings: dict | None = None) -> list:
     """OpenCompass `datasets` entries; every file is checked here, before any model is built."""
     out = []
     for task in tasks:
@@ -140,7 +148,8 @@ def dataset_configs(tasks, data_dir: str, limit: int | None = None, max_new_toke
             infer_cfg=dict(prompt_template=dict(type=PromptTemplate, template="{prompt}"),
                            retriever=dict(type=ZeroRetriever),
                            inferencer=dict(type=GenInferencer, max_out_len=max_new_tokens or bench.max_new_tokens)),
-            eval_cfg=dict(evaluator=dict(type=RewardEvaluator, reward=bench.reward)),
+            eval_cfg=dict(evaluator=dict(type=RewardEvaluator, reward=bench.reward,
+                                         settings=dict(reward_settings or {}))),
         ))
     return out
 

@@ -7,10 +7,10 @@
 - countdown: an arithmetic expression that uses record["numbers"], each exactly once, and evaluates to
   record["target"] (parsed with `ast`, never `eval`);
 - sudoku: a full grid (digits, any separators) that keeps record["puzzle"]'s givens and is valid;
-- code: the completion's code with record["tests"] appended runs in the sandbox (rewards/sandbox.py) and
-  passes (exit status 0, no timeout, output under its cap);
-- humaneval: the HumanEval program (the prompt's signature + completion, or the model's whole function) and
-  its check() run in the sandbox;
+- code: the completion's last code block against record["tests"] (assert code, or standard-input cases),
+  judged inside the sandbox (rewards/code.py): 1 when every test passed as the judge saw it;
+- humaneval: the HumanEval candidate (the prompt's signature + completion, or the model's whole function)
+  against its check(), judged the same way;
 - choice: the letter the answer picks ('ANSWER: X', \\boxed{X}, 'the answer is (X)', or a leading 'X.') is
   record["answer"], among record["letters"];
 - bbh: the phrase after the last 'the answer is' equals record["answer"] (case and a trailing period aside;
@@ -25,6 +25,9 @@ import operator
 import re
 
 from dare_mega.errors import ConfigError
+from dare_mega.rewards.types import Outcome, RewardSettings
+
+CODE_REWARDS = ("code", "humaneval")
 
 REWARDS = {}
 REQUIRED_FIELDS = {"math": ("answer",), "arithmetic": ("answer",), "exact": ("answer",), "choice": ("answer",),
@@ -47,6 +50,10 @@ def check_fields(name: str, record: dict, where: str = "record") -> None:
     missing = [k for k in REQUIRED_FIELDS.get(name, ()) if k not in record]
     if missing:
         raise ConfigError(f"{where}: the {name} reward needs field(s) {', '.join(missing)}")
+    if name in CODE_REWARDS:
+        from dare_mega.rewards.code import check_tests
+
+        check_tests(record["tests"], where)
 
 
 def _last_boxed(text: str) -> str | None:
@@ -62,28 +69,27 @@ def _last_boxed(text: str) -> str | None:
 
 
 @register("math")
-def math_reward(text: str, record: dict) -> float:
-    from math_verify import parse, verify
+def math_reward(text: str, record: dict, settings: RewardSettings) -> Outcome:
+    from dare_mega.rewards.math_pool import math_workers
 
     answer = _last_boxed(text)
     if answer is None:
         numbers = re.findall(r"-?\d+(?:\.\d+)?(?:/\d+)?", text)
         if not numbers:
-            return 0.0
+            return Outcome(0.0, "no_answer")
         answer = numbers[-1]
-    gold = parse(f"${record['answer']}$")
-    guess = parse(f"${answer}$")
-    return 1.0 if gold and guess and verify(gold, guess) else 0.0
+    same, status = math_workers(settings.math_seconds).equivalent(str(record["answer"]), answer)
+    return Outcome(1.0 if same else 0.0, status)
 
 
 @register("arithmetic")
-def arithmetic_reward(text: str, record: dict) -> float:
+def arithmetic_reward(text: str, record: dict, settings=None) -> float:
     match = re.search(r"-?\d+", text)
     return 1.0 if match and int(match.group()) == int(record["answer"]) else 0.0
 
 
 @register("exact")
-def exact_reward(text: str, record: dict) -> float:
+def exact_reward(text: str, record: dict, settings=None) -> float:
     words = text.split()
     return 1.0 if words and words[0] == str(record["answer"]) else 0.0
 
@@ -106,7 +112,7 @@ def _evaluate(node, used: list[int]):
 
 
 @register("countdown")
-def countdown_reward(text: str, record: dict) -> float:
+def countdown_reward(text: str, record: dict, settings=None) -> float:
     candidates = re.findall(r"[\d\s+\-*/()]+", text.split("=")[0])
     for expression in sorted(candidates, key=len, reverse=True):
         expression = expression.strip()
@@ -124,7 +130,7 @@ def countdown_reward(text: str, record: dict) -> float:
 
 
 @register("sudoku")
-def sudoku_reward(text: str, record: dict) -> float:
+def sudoku_reward(text: str, record: dict, settings=None) -> float:
     puzzle = [int(c) for c in re.sub(r"\D", "", str(record["puzzle"]))]
     size = int(round(len(puzzle) ** 0.5))
     box = int(round(size**0.5))
@@ -143,21 +149,20 @@ def sudoku_reward(text: str, record: dict) -> float:
 
 
 @register("code")
-def code_reward(text: str, record: dict) -> float:
-    from dare_mega.rewards.sandbox import Limits, run_python
+def code_reward(text: str, record: dict, settings: RewardSettings) -> Outcome:
+    from dare_mega.rewards.code import backend_for, extract_code, judge
 
-    blocks = re.findall(r"```(?:python)?\n(.*?)```", text, flags=re.S)
-    code = blocks[-1] if blocks else text
-    limits = Limits(wall_seconds=float(record.get("timeout", 5.0)))
-    return 1.0 if run_python(code + "\n\n" + record["tests"] + "\n", limits).ok else 0.0
+    backend = backend_for(settings.code)
+    return judge(backend, extract_code(text), record["tests"], settings.code, record.get("timeout"))
 
 
 @register("humaneval")
-def humaneval_reward(text: str, record: dict) -> float:
-    from dare_mega.eval.benchmarks import humaneval_program
-    from dare_mega.rewards.sandbox import Limits, run_python
+def humaneval_reward(text: str, record: dict, settings: RewardSettings) -> Outcome:
+    from dare_mega.rewards.code import backend_for, humaneval_code, humaneval_tests, judge
 
-    return 1.0 if run_python(humaneval_program(text, record), Limits(wall_seconds=10.0)).ok else 0.0
+    backend = backend_for(settings.code)
+    return judge(backend, humaneval_code(text, record), humaneval_tests(record), settings.code,
+                 record.get("timeout"))
 
 
 def choice_letter(text: str, letters: str = "ABCD") -> str | None:
@@ -174,7 +179,7 @@ def choice_letter(text: str, letters: str = "ABCD") -> str | None:
 
 
 @register("choice")
-def choice_reward(text: str, record: dict) -> float:
+def choice_reward(text: str, record: dict, settings=None) -> float:
     return 1.0 if choice_letter(text, record.get("letters", "ABCD")) == str(record["answer"]).strip() else 0.0
 
 
@@ -185,19 +190,8 @@ def _bbh_phrase(text: str) -> str:
 
 
 @register("bbh")
-def bbh_reward(text: str, record: dict) -> float:
+def bbh_reward(text: str, record: dict, settings=None) -> float:
     target, said = str(record["answer"]).strip().lower(), _bbh_phrase(text)
     if re.fullmatch(r"\([a-z]\)", target):  # multiple choice: "(A)" or "A" (then anything)
         return 1.0 if re.match(rf"\(?{target[1]}\)?(?![a-z])", said) else 0.0
     return 1.0 if said == target else 0.0
-
-
-def score(name: str, text: str, record: dict, log=None) -> float:
-    """The reward, or 0 when the reward function itself fails (logged with the sample; the run goes on)."""
-    try:
-        return float(REWARDS[name](text, record))
-    except Exception as e:  # noqa: BLE001 - any failure of a reward function scores 0
-        if log is not None:
-            log(f"reward {name} failed on {record.get('_source', record.get('prompt', '?'))!r}: "
-                f"{type(e).__name__}: {e}; completion {text[:200]!r}; scored 0")
-        return 0.0

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from dare_mega.config import choices
 from dare_mega.errors import ConfigError
+from dare_mega.rewards.types import RewardSettings
 
 LOSSES = ("auto", "sdar_block", "llada2_block", "masked_diffusion")
 
@@ -219,6 +220,7 @@ class RLConfig:
     model: RLModelSection = field(default_factory=RLModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     task: TaskSection = field(default_factory=TaskSection)
+    reward: RewardSettings = field(default_factory=RewardSettings)  # how task.reward is scored (pool, sandbox)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
     sglang: SGLangSection = field(default_factory=SGLangSection)
@@ -246,3 +248,4 @@ class RLConfig:
             raise ConfigError(f"{source}: task.name=file needs task.train (a JSONL or Parquet path)")
         if self.optim.lr <= 0:
             raise ConfigError(f"{source}: optim.lr={self.optim.lr} must be > 0")
+        self.reward.check(source)

@@ -62,7 +62,11 @@ def sampling(cfg: RLConfig, seeds, greedy: bool = False, max_new_tokens: int | N
 def evaluate(engine, records, reward, cfg: RLConfig) -> dict:
     """Held-out accuracy: greedy, and the mean over `eval.samples` samples at the rollout's temperature with fixed
     seeds (what RL optimises). Every rank computes the same numbers."""
-    from dare_mega.rewards import score
+    from dare_mega.rewards import score_many
+
+    def accuracy(completions, records):
+        outcomes = score_many(reward, [c.text for c in completions], records, cfg.reward)
+        return sum(o.score for o in outcomes) / len(outcomes)
 
     prompts = [r["prompt"] for r in records]
     greedy = engine.generate(prompts, sampling(cfg, range(len(records)), greedy=True,
@@ -70,10 +74,28 @@ def evaluate(engine, records, reward, cfg: RLConfig) -> dict:
     k = cfg.eval.samples
     sampled = engine.generate(prompts * k, sampling(cfg, [10_000_019 + i for i in range(len(records) * k)],
                                                     max_new_tokens=cfg.eval.max_new_tokens), cache=cfg.rollout.cache)
-    return {
-        "greedy": sum(score(reward, c.text, r) for c, r in zip(greedy, records)) / len(records),
-        "sampled": sum(score(reward, c.text, r) for c, r in zip(sampled, records * k)) / (len(records) * k),
-    }
+    return {"greedy": accuracy(greedy, records), "sampled": accuracy(sampled, records * k)}
+
+
+def step_rewards(reward, completions, requests, cfg: RLConfig, log, device) -> torch.Tensor:
+    """[n, 4] float64: reward, tests passed, tests total, timed out, per request. The requests of a data-parallel
+    rank are the same on all its tensor and pipeline ranks: its first model-parallel rank scores them (in the
+    reward pool) and broadcasts, so a sandbox is run once per sample and every rank trains on the same rewards."""
+    from megatron.core import parallel_state as ps
+
+    from dare_mega.rewards import score_many
+
+    group = ps.get_model_parallel_group()
+    scorer = dist.get_global_rank(group, 0)
+    values = torch.zeros(len(requests), 4, dtype=torch.float64)
+    if dist.get_rank() == scorer:
+        outcomes = score_many(reward, [c.text for c in completions], requests, cfg.reward, log)
+        values = torch.tensor([[o.score, o.tests_passed or 0, o.tests_total or 0, float(o.status == "timeout")]
+                               for o in outcomes], dtype=torch.float64)
+    values = values.to(device)
+    if dist.get_world_size(group) > 1:
+        dist.broadcast(values, src=scorer, group=group)
+    return values.cpu()
 
 
 def bench_sampling(cfg: RLConfig):
@@ -101,7 +123,7 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     from dare_mega.models.runner import Runner, wrap_for_training
     from dare_mega.models.transformer_config import RuntimeOptions
     from dare_mega.parallel import destroy_distributed, init_distributed, init_model_parallel
-    from dare_mega.rewards import score
+    from dare_mega.rewards import CODE_REWARDS, prepare
     from dare_mega.trainer import checkpoint as ckpt
     from dare_mega.trainer.backends import native_rollout, sglang_rollout
     from dare_mega.trainer.metrics import Metrics
@@ -109,9 +131,19 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     from dare_mega.weight_sync.export import WeightExporter
     from dare_mega.weight_sync.sync import WeightSync
 
+    train, heldout, reward = task_records(cfg)
+    # a code reward's sandbox is checked (or refused, naming what is missing) before any model or process group
+    def announce(message):
+        print(message, file=sys.stderr, flush=True)
+
+    where = prepare(reward, cfg.reward, log=announce)
+    if cfg.eval.tasks:
+        from dare_mega.eval.benchmarks import BENCHMARKS
+
+        for name in dict.fromkeys(BENCHMARKS[t].reward for t in cfg.eval.tasks if t in BENCHMARKS):
+            prepare(name, cfg.reward, log=announce)
     hf_dir = ensure_model_dir(cfg)
     args, layout = preflight(cfg, hf_dir, int(os.environ.get("WORLD_SIZE", "1")), check_budget=False)
-    train, heldout, reward = task_records(cfg)
     benchmarks = {}
     if cfg.eval.tasks:  # benchmark files are read (and a missing one named) before any process group exists
         from dare_mega.eval.benchmarks import load
@@ -177,7 +209,7 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     before = evaluate(engine, heldout, reward, cfg)
     if env.is_main:
         print(f"rl: {args.architecture} at {layout.describe()} on {env.world_size} process(es); task {cfg.task.name} "
-              f"(reward {reward}), estimator {estimator.name}, rollouts on {type(engine).__name__}; "
+              f"({where}), estimator {estimator.name}, rollouts on {type(engine).__name__}; "
               f"held-out accuracy {before}; "
               f"starting at step {start}", flush=True)
     per_rank = cfg.rollout.prompts_per_step // dp
@@ -198,14 +230,15 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         times["rollout"] = time.perf_counter() - clock
         clock = time.perf_counter()
         log = (lambda message: print(message, file=sys.stderr, flush=True)) if env.is_main else None
-        rewards = torch.tensor([score(reward, c.text, r, log) for c, r in zip(completions, requests)])
+        scored = step_rewards(reward, completions, requests, cfg, log, env.device)
+        rewards = scored[:, 0].clone()
         advantages = group_advantages(rewards, [k // n for k in range(len(requests))], a.advantage, a.std_normalize)
         times["reward"] = time.perf_counter() - clock
         samples = [Sample(c.prompt_ids, c.generated_ids, c.generated_reveal_steps, c.block_size,
                           c.generated_logprobs, float(adv)) for c, adv in zip(completions, advantages)]
         totals = torch.tensor([len(samples), sum(s.length for s in samples), float(rewards.sum()),
-                               float((rewards ** 2).sum()), float(sum(len(c.completion_ids) for c in completions))],
-                              dtype=torch.float64, device=env.device)
+                               float((rewards ** 2).sum()), float(sum(len(c.completion_ids) for c in completions)),
+                               *scored[:, 1:].sum(0).tolist()], dtype=torch.float64, device=env.device)
         dist.all_reduce(totals, group=ps.get_data_parallel_group())
         clock = time.perf_counter()
         generators = [torch.Generator().manual_seed(cfg.train.seed * 104_729 + step * 100_003 + first + k)
@@ -234,7 +267,9 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         record = {
             "step": step, "loss": local[0].item(), "lr": lr, "grad_norm": stats["grad_norm"],
             "reward_mean": mean, "reward_std": max(totals[3].item() / count - mean**2, 0.0) ** 0.5,
-            "accuracy": mean if reward != "code" else None, "response_length": totals[4].item() / count,
+            "accuracy": mean if reward not in CODE_REWARDS else None, "response_length": totals[4].item() / count,
+            "tests_passed": totals[5].item() / totals[6].item() if totals[6].item() else None,
+            "reward_timeouts": totals[7].item() / count,
             "clip_fraction": local[1].item() / max(local[2].item(), 1), "kl": local[3].item() / count,
             "rollout_train_gap": local[4].item() / max(local[5].item(), 1),
             "tis_truncated": local[6].item() / max(local[5].item(), 1),
@@ -245,7 +280,8 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         }
         if cfg.eval.every and step % cfg.eval.every == 0:
             record.update({f"heldout_{k}": v for k, v in evaluate(engine, heldout, reward, cfg).items()})
-            record.update({f"bench_{k}": v for k, v in score_benchmarks(engine, benchmarks, bench_sampling(cfg)).items()})
+            record.update({f"bench_{k}": v for k, v in score_benchmarks(engine, benchmarks, bench_sampling(cfg),
+                                                                        cfg.reward).items()})
         metrics.log(record)
         if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
             ckpt.save(ckpt_dir, step, chunks, optimizer, scheduler, {"step": step}, meta, assets,
