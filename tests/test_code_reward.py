@@ -217,6 +217,14 @@ def test_hostile_programs_leave_nothing_behind(hostile):
     assert hostile["elapsed"] < 0.6 * sum(o.seconds for o in outcomes), hostile["elapsed"]
 
 
+def test_the_probes_would_see_what_is_there(tmp_path):
+    """Controls: the hostile reading code scores 1 when what it looks for is visible (the judge's own command
+    line names judge_main), so the zeros above mean the walls held, not that the probe broke."""
+    listener = type("L", (), {"port": 1, "unix_path": "/x", "abstract_name": "x"})()
+    program = hostile_programs(str(tmp_path), listener)["reads the environment and other processes"]
+    assert score("code", fenced(program.replace("DARE_TEST_SECRET", "judge_main")), {"tests": TESTS}) == 1.0
+
+
 def test_per_test_results_are_counted():
     code = ADD
     tests = "assert add(1, 1) == 2\nassert add(1, 1) == 3\nassert add(2, 2) == 4\n"
@@ -439,3 +447,19 @@ def test_sandbox_fusion_retries_then_fails_loudly(sandbox_fusion):
         score("code", fenced(ADD), {"tests": TESTS}, settings=fusion(url, sandbox_fusion_attempts=1, wall_seconds=3))
     with pytest.raises(IsolationUnavailable, match="SandboxFusion"):  # and is refused at start-up
         prepare("code", fusion(url, sandbox_fusion_attempts=1, wall_seconds=4))
+
+
+def test_a_jail_that_stops_starting_stops_the_run(tmp_path):
+    """After start-up, a jail that no longer starts raises (after one retry) instead of scoring every sample 0."""
+    import copy
+
+    from dare_mega.rewards.code import NsjailBackend
+
+    fake = tmp_path / "nsjail"
+    fake.write_text("#!/bin/sh\necho '[E][2026-12-01] clone(): Operation not permitted' >&2\nexit 255\n")
+    fake.chmod(0o755)
+    backend = NsjailBackend(CodeSettings())
+    backend.jail = copy.copy(backend.jail)
+    backend.jail.binary = str(fake)
+    with pytest.raises(IsolationUnavailable, match="stopped starting.*Operation not permitted"):
+        judge(backend, ADD, TESTS, CodeSettings(), 5)

@@ -127,7 +127,13 @@ class NsjailBackend:
         self.memory_per_sample_mb = self.jail.memory_per_sample_mb
 
     def judge(self, request: dict) -> Run:
-        return self.jail.run(JUDGE_ARGV, json.dumps(request).encode(), request["seconds"])
+        """The judge's run; a jail that did not start (nsjail's own exit status 255 with its error lines) is
+        retried once, then stops the run: a silent 0 for every sample would train on noise."""
+        for attempt in range(2):
+            run = self.jail.run(JUDGE_ARGV, json.dumps(request).encode(), request["seconds"])
+            if run.returncode != 255 or not re.search(rb"^\[[EF]\]", run.stderr, flags=re.M):
+                return run
+        raise SandboxUnavailable(f"the jail stopped starting: {run.stderr.decode(errors='replace')[-600:]}")
 
     workdir = "/tmp"
 

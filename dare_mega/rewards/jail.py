@@ -255,7 +255,7 @@ class Jail:
             time_limit=int(seconds) + 2, rlimit_cpu=s.cpu_seconds, rlimit_as=s.memory_mb,
             rlimit_fsize=s.file_mb, rlimit_nofile=s.open_files, rlimit_nproc=s.processes, rlimit_core=0,
             rlimit_stack=8, max_cpus=s.cpus_per_sample, iface_no_lo=True, seccomp_string=SECCOMP,
-            really_quiet=True,
+            quiet=True,  # nsjail's own warnings and errors only (they explain a jail that did not start)
             **({"cgroup_mem_max": (s.memory_mb + s.tmpfs_mb) << 20, "cgroup_pids_max": s.processes,
                 "detect_cgroupv2": True} if cgroups else {}))
         return [self.binary, *options.build_args(), "--", self.python.executable, *argv]
