@@ -364,7 +364,9 @@ class Candidate:
 
     def kill(self):
         self.dead = True
-        for pid in (-self.proc.pid, self.proc.pid):
+        # as PID 1 of the jail's namespace, everything else in it: no process of this run outlives its candidate
+        # (kill(-1) from init spares init); elsewhere only the candidate's own process group
+        for pid in ((-1,) if os.getpid() == 1 else ()) + (-self.proc.pid, self.proc.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
