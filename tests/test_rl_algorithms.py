@@ -174,36 +174,85 @@ def ebpo_target(oracle, s: Sample) -> float:
     return total
 
 
-@pytest.mark.parametrize("name", ["bgpo", "ebpo", "espo"])
-def test_monte_carlo_estimators_are_unbiased(setup, name):
+def _mean_sum(oracle, clean, positions, size) -> float:
+    """E over subsets S of `positions` with |S| = size (uniform, as randperm draws them) of sum_{i in S} log p."""
+    subsets = _subsets(positions, size)
+    return sum(_sum_log_probs(oracle, clean, S) for S in subsets) / len(subsets) if size else 0.0
+
+
+def bgpo_expectation(oracle, s: Sample, mc: int, weight=lambda x, L: x / L) -> float:
+    """E[mean over BGPO's rows of sum_masked log p / p / L], exactly: every k of the schedule (k ~ U{1..L}) through
+    the implementation's counts, every masked set of each count."""
+    from dare_mega.algorithms.estimators import stratified_counts
+
+    clean, positions, L = s.clean().tolist(), responses(s), s.length
+    total = 0.0
+    for k in range(1, L + 1):
+        counts = stratified_counts(k, L, mc, low=1)
+        total += sum(_mean_sum(oracle, clean, positions, x) / weight(x, L) / L for x in counts) / mc
+    return total / L
+
+
+def espo_expectation(oracle, s: Sample, mc: int) -> float:
+    """E[ESPO's sequence quantity] with reduce_var: k ~ U{0..L}, the implementation's counts x, p = x / (L + 1),
+    complement weight L / (L + 1) - p; every masked set enumerated."""
+    from dare_mega.algorithms.estimators import stratified_counts
+
+    clean, positions, L = s.clean().tolist(), responses(s), s.length
+    total = 0.0
+    for k in range(0, L + 1):
+        rows = []
+        for x in stratified_counts(k, L + 1, mc, low=0):
+            first = _mean_sum(oracle, clean, positions, x) / (x / (L + 1)) if x else 0.0
+            rest = _mean_sum(oracle, clean, positions, L - x) / ((L - x) / (L + 1)) if L - x else 0.0
+            rows.append(0.5 * (first + rest))
+        total += sum(rows) / mc / L
+    return total / (L + 1)
+
+
+def ebpo_expectation(oracle, s: Sample, mc: int) -> float:
+    """E[EBPO's composite ELBO], exactly: the counts are piecewise constant in the offset u ~ U(0, 1), so the
+    integral is a sum over the intervals between their breakpoints (evaluated at each midpoint)."""
+    from dare_mega.algorithms.estimators import ebpo_counts
+
+    clean, blocks = s.clean().tolist(), s.blocks()
+    sizes, cells = [len(b) for b in blocks], mc * len(blocks)
+    points = {0.0, 1.0}
+    for idx in range(cells):
+        size = sizes[idx % len(blocks)]
+        points |= {(m / size - idx / cells) % 1.0 for m in range(size + 1)}
+    points = sorted(points)
+    total = 0.0
+    for a, b in zip(points, points[1:]):
+        counts = ebpo_counts((a + b) / 2, sizes, mc)
+        value = sum(sum(_mean_sum(oracle, clean, block, c) * len(block) / c for block, c in zip(blocks, row))
+                    for row in counts) / mc
+        total += (b - a) * value
+    return total
+
+
+@pytest.mark.parametrize("name,mc", [("bgpo", 2), ("bgpo", 3), ("espo", 2), ("espo", 3), ("ebpo", 2)])
+def test_monte_carlo_estimators_are_unbiased(setup, name, mc):
+    """Exactly, by enumerating the noise schedule (a Monte-Carlo average over 600 draws could not see the bias
+    of BGPO's round-half-to-even counts at L = 9, mc = 2)."""
     _, _, oracle, samples, mask_id = setup
-    s = samples[0]  # response of 9 positions: two blocks after a 3-token prompt (3 + 9 = 12)
+    s = samples[0]  # response of 9 positions across three blocks after a 3-token prompt
     target = ebpo_target(oracle, s) if name == "ebpo" else elbo_over_length(oracle, s)
-    estimator = build(name, mask_id, mc=2)
-    draws = []
-    for seed in range(600):
-        rows, plan = estimator.rows([s], [torch.Generator().manual_seed(seed)])
-        q = estimator.quantities(table_log_probs(oracle, rows), plan)[0]
-        draws.append(float(q.mean()))
-    draws = torch.tensor(draws, dtype=torch.float64)
-    stderr = float(draws.std()) / math.sqrt(len(draws))
-    assert stderr > 0
-    assert abs(float(draws.mean()) - target) <= 4 * stderr, (float(draws.mean()), target, stderr)
+    exact = {"bgpo": bgpo_expectation, "espo": espo_expectation, "ebpo": ebpo_expectation}[name](oracle, s, mc)
+    assert abs(exact - target) < 1e-9 * max(1.0, abs(target)), (exact, target)
 
 
 def test_the_unbiasedness_check_can_fail(setup):
-    """A wrong weight (p = x / (L + 1) in BGPO instead of x / L) is caught by the same comparison."""
+    """The same enumeration catches a wrong weight (p = x / (L + 1) in BGPO instead of x / L) and Python's
+    round() in the stratified counts."""
     _, _, oracle, samples, mask_id = setup
     s = samples[0]
-    estimator = build("bgpo", mask_id, mc=2)
-    draws = []
-    for seed in range(600):
-        rows, plan = estimator.rows([s], [torch.Generator().manual_seed(seed)])
-        (entries, L), = plan
-        logp = table_log_probs(oracle, rows)
-        draws.append(float(torch.stack([logp[r, m].sum() / (len(m) / (L + 1)) / L for r, m, _ in entries]).mean()))
-    draws = torch.tensor(draws, dtype=torch.float64)
-    assert abs(float(draws.mean()) - elbo_over_length(oracle, s)) > 4 * float(draws.std()) / math.sqrt(len(draws))
+    target = elbo_over_length(oracle, s)
+    assert abs(bgpo_expectation(oracle, s, 2, weight=lambda x, L: x / (L + 1)) - target) > 1e-3
+    clean, positions, L = s.clean().tolist(), responses(s), s.length
+    rounded = sum(sum(_mean_sum(oracle, clean, positions, x) / x for x in
+                      [((round(k + j * L / 2) - 1) % L) + 1 for j in range(2)]) / 2 for k in range(1, L + 1)) / L / L
+    assert abs(rounded - target) > 1e-3
 
 
 def test_noise_depends_only_on_the_sample_generator(setup):

@@ -184,15 +184,17 @@ class Coupled(Estimator):
         return out
 
 
-def _stratified_counts(length: int, rows: int, generator: torch.Generator) -> list[int]:
-    """BGPO's stratified masked counts: k ~ U{1..L}, x_j = round(k + j L / rows) wrapped into [1, L]."""
-    k = int(torch.randint(1, length + 1, (), generator=generator))
-    return [((round(k + j * length / rows) - 1) % length) + 1 for j in range(rows)]
+def stratified_counts(k: int, size: int, rows: int, low: int) -> list[int]:
+    """Stratified counts over the `size` values low, low + 1, ..., low + size - 1: row j takes
+    k + round_half_up(j size / rows), wrapped, in integers. For k uniform over those values every row's count is
+    uniform too (BGPO: low 1, size L; ESPO: low 0, size L + 1). Python's round() rounds halves to even, so
+    that with L = 9 and two rows, row 1 never drew 2, 4, 7 or 9."""
+    return [low + (k - low + (2 * j * size + rows) // (2 * rows)) % size for j in range(rows)]
 
 
 @register
 class BGPO(Estimator):
-    """BGPO: mc rows with stratified masked counts x_j over the whole response, p_j = x_j / L;
+    """BGPO: mc rows with stratified masked counts x_j in 1..L over the whole response, p_j = x_j / L;
     l_j = (sum over masked of log p / p_j) / L, one value per MC row."""
 
     name = "bgpo"
@@ -205,7 +207,8 @@ class BGPO(Estimator):
             generator = generators[i]
             response = list(range(s.prompt_len, s.prompt_len + s.length))
             entries = []
-            for x in _stratified_counts(s.length, mc, generator):
+            k = int(torch.randint(1, s.length + 1, (), generator=generator))
+            for x in stratified_counts(k, s.length, mc, low=1):
                 masked = _masked(response, x, generator)
                 entries.append((rows.add(i, s.clean(), masked, self.mask_id), masked, x / s.length))
             plan.append((entries, s.length))
@@ -214,6 +217,20 @@ class BGPO(Estimator):
     def quantities(self, logp, plan):
         return [torch.stack([logp[row, masked].sum() / p / length for row, masked, p in entries])
                 for entries, length in plan]
+
+
+def ebpo_counts(offset: float, block_lengths: list[int], rows: int) -> list[list[int]]:
+    """EBPO's masked counts, [row][block]: cell (n, b) has noise level nu = (offset + (n B + b) / (rows B)) mod 1
+    and masks min(floor(nu |b|) + 1, |b|) tokens; with offset ~ U(0, 1) each cell's count is uniform on 1..|b|."""
+    cells = rows * len(block_lengths)
+    out = []
+    for n in range(rows):
+        counts = []
+        for b, size in enumerate(block_lengths):
+            nu = (offset + (n * len(block_lengths) + b) / cells) % 1.0
+            counts.append(min(int(nu * size) + 1, size))
+        out.append(counts)
+    return out
 
 
 @register
@@ -230,14 +247,11 @@ class EBPO(Estimator):
         for i, s in enumerate(samples):
             generator = generators[i]
             blocks = s.blocks()
-            cells = mc * len(blocks)
             offset = float(torch.rand((), generator=generator))
             entries = []
-            for n in range(mc):
+            for n, counts in enumerate(ebpo_counts(offset, [len(b) for b in blocks], mc)):
                 masked, weights = [], []
-                for b, positions in enumerate(blocks):
-                    nu = (offset + (n * len(blocks) + b) / cells) % 1.0
-                    count = min(int(nu * len(positions)) + 1, len(positions))
+                for positions, count in zip(blocks, counts):
                     chosen = _masked(positions, count, generator)
                     masked += chosen
                     weights += [len(positions) / count] * count
@@ -269,8 +283,7 @@ class ESPO(Estimator):
             response = list(range(s.prompt_len, s.prompt_len + L))
             k = int(torch.randint(0, L + 1, (), generator=generator))
             entries = []
-            for m in range(mc):
-                x = round(k + m * (L + 1) / mc) % (L + 1)
+            for x in stratified_counts(k, L + 1, mc, low=0):
                 order = torch.randperm(L, generator=generator).tolist()
                 masked = sorted(response[j] for j in order[:x])
                 complement = sorted(response[j] for j in order[x:])

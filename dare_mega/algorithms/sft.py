@@ -4,8 +4,11 @@ Pure functions of the rows and a generator (no model, no process group); the los
 weighted NLL, sum(weight * -log p(label)) / sum(normalizer), over the global batch.
 
 - sdar_block (SDAR, the block-diffusion recipe of its LlamaFactory fork): per document t ~ U(t_min, t_max),
-  mask rate p = (1 - eps) t + eps, each response token masked with probability p (at least one), on the
-  two-stream layout [x_t ; x_0]; weight 1/p on masked noisy positions; normalised by the answer length.
+  mask rate p = (1 - eps) t + eps, each response token masked with probability p, on the two-stream layout
+  [x_t ; x_0]; weight 1/p on masked noisy positions; normalised by the answer length. A document that draws
+  no masked token adds nothing that step: the expected weight of a document of n tokens is exactly n
+  (SDAR's trainer re-draws up to 10 times and then forces one token, which over-weights short answers:
+  docs/algorithms.md).
 - llada2_block (dFactory's LLaDA2 block-diffusion SFT): t ~ U(0.3, 0.8) per document, mask rate t, the same
   two-stream layout; weight 1; normalised by the number of masked tokens (a plain mean).
 - masked_diffusion (LLaDA-style MDM SFT): one stream, bidirectional attention within each document, p as in
@@ -51,24 +54,33 @@ def objective(name: str, family: str, eps: float = 1e-3, t_min: float | None = N
     raise ValueError(f"unknown SFT objective {name!r}")
 
 
+def document_noise(length: int, eligible: torch.Tensor, t_uniform: float, uniforms: torch.Tensor,
+                   obj: Objective) -> tuple[torch.Tensor, float]:
+    """(masked [length] bool, p) for one document from its uniform draws: t = t_min + (t_max - t_min) u_t,
+    p = (1 - eps) t + eps, token i masked when u_i < p and it is a response token. Nothing is forced: the
+    expected 1/p weight of a document is its number of response tokens."""
+    t = obj.t_min + (obj.t_max - obj.t_min) * t_uniform
+    p = (1 - obj.eps) * t + obj.eps
+    return (uniforms[:length] < p) & eligible, p
+
+
 def noise_row(row: PackedRow, obj: Objective, generator: torch.Generator):
     """(masked [n] bool, rate [n] float): which response tokens are masked, at which per-document rate."""
     n = len(row.ids)
     masked = torch.zeros(n, dtype=torch.bool)
     rate = torch.ones(n)
     response = torch.tensor(row.response)
-    for start, length, answer in row.documents:
+    for start, length, _ in row.documents:
         span = slice(start, start + length)
-        eligible = response[span]
-        t = obj.t_min + (obj.t_max - obj.t_min) * float(torch.rand((), generator=generator))
-        p = (1 - obj.eps) * t + obj.eps
-        doc_masked = (torch.rand(length, generator=generator) < p) & eligible
-        if answer and not doc_masked.any():  # every document trains on at least one token
-            choices = torch.nonzero(eligible)[:, 0]
-            doc_masked[choices[int(torch.randint(len(choices), (), generator=generator))]] = True
-        masked[span] = doc_masked
-        rate[span] = p
+        t_uniform = float(torch.rand((), generator=generator))
+        masked[span], rate[span] = document_noise(length, response[span], t_uniform,
+                                                  torch.rand(length, generator=generator), obj)
     return masked, rate
+
+
+def loss_weights(masked: torch.Tensor, rate: torch.Tensor, obj: Objective) -> torch.Tensor:
+    """Per-position loss weights: 1/p on masked positions (or 1), 0 elsewhere."""
+    return masked.float() / rate if obj.inverse_p else masked.float()
 
 
 def sft_batch(rows: list[PackedRow], obj: Objective, mask_token_id: int, block_size: int,
@@ -80,7 +92,7 @@ def sft_batch(rows: list[PackedRow], obj: Objective, mask_token_id: int, block_s
     for row, ids, generator in zip(rows, clean, generators):
         masked, rate = noise_row(row, obj, generator)
         noisy_rows.append(torch.where(masked, torch.full_like(ids, mask_token_id), ids))
-        weights.append(masked.float() / rate if obj.inverse_p else masked.float())
+        weights.append(loss_weights(masked, rate, obj))
         normalizer.append(sum(d[2] for d in row.documents) if obj.per_answer else int(masked.sum()))
     noisy = torch.stack(noisy_rows)
     weight = torch.stack(weights)
