@@ -164,6 +164,8 @@ def test_rewards():
 @pytest.mark.parametrize("recipe, preset, world", [
     ("rl_sdar_30b_a3b.yaml", "sdar-30b-a3b-chat", 64), ("rl_llada2_mini.yaml", "llada2.0-mini", 32),
     ("sft_sdar_30b_a3b.yaml", "sdar-30b-a3b-chat", 64),
+    *[(f"algorithms/{algorithm}_{family}.yaml", preset, 8) for algorithm in ("trajectory", "bgpo", "ebpo")
+      for family, preset in (("sdar", "sdar-8b-chat"), ("llada2", "llada2.0-mini"))],
 ])
 def test_cluster_recipes_fit_their_models(recipe, preset, world):
     """The published recipes load, and their layouts shard the published model on the cluster they name."""
@@ -174,13 +176,14 @@ def test_cluster_recipes_fit_their_models(recipe, preset, world):
     from dare_mega.parallel.layout import ParallelLayout
     from dare_mega.trainer.config import RLConfig, SFTConfig
 
-    cfg = load_config(RLConfig if recipe.startswith("rl_") else SFTConfig, f"{REPO}/configs/recipes/{recipe}", [])
+    rl = not recipe.startswith("sft_")
+    cfg = load_config(RLConfig if rl else SFTConfig, f"{REPO}/configs/recipes/{recipe}", [])
     args = load_model_args(str(preset_file(preset)), cfg.model.mask_token_id, cfg.model.block_size)
     p = cfg.parallel
     layout = ParallelLayout(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp)
     check_layout(args, layout)
     layout.check_world(world)
-    if recipe.startswith("rl_"):
+    if rl:
         assert cfg.rollout.prompts_per_step % (world // (layout.tp * layout.pp)) == 0
 
 
@@ -192,15 +195,67 @@ def code_prompts(tmp_path):
     return data
 
 
+def verl_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def verl_rows():
+    """Prompts in verl's / DARE's parquet layout: chat messages, data_source, reward_model.ground_truth."""
+    rows = []
+    for i in range(4):
+        rows.append({"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": f"{i} + 1 = ?"}],
+                     "reward_model": {"style": "rule", "ground_truth": str(i + 1)}, "extra_info": {"index": i}})
+        cases = json.dumps([{"input": f"{i}\n", "output": f"{i + 1}\n", "testtype": "stdin"}])
+        rows.append({"data_source": "livecodebench", "prompt": [{"role": "user", "content": f"print n + 1 ({i})"}],
+                     "reward_model": {"style": "rule", "ground_truth": cases}, "extra_info": {"index": i}})
+    return rows
+
+
+def test_verl_layout_records_load_with_their_rewards(tmp_path):
+    from dare_mega.config import load_config
+    from dare_mega.trainer.config import RLConfig
+    from dare_mega.trainer.rl import task_records
+
+    path = verl_parquet(tmp_path / "train.parquet", verl_rows())
+    cfg = load_config(RLConfig, RL_RECIPE, ["task.name=file", f"task.train={path}", "task.heldout=2"])
+    train, heldout, rewards = task_records(cfg)
+    assert rewards == ["code", "math"]
+    math_record, code_record = heldout
+    assert math_record["_reward"] == "math" and math_record["answer"] == "1"
+    assert math_record["prompt"] == [{"role": "user", "content": "0 + 1 = ?"}]
+    assert code_record["_reward"] == "code" and code_record["tests"] == [{"input": "0\n", "output": "1\n"}]
+    assert code_record["_source"].endswith("train.parquet:row 1")
+    from dare_mega.data.records import rl_record
+
+    call = rl_record({"data_source": "taco", "prompt": "p", "_source": "x:row 3", "reward_model": {
+        "ground_truth": json.dumps({"fn_name": "f", "inputs": [[1, 2]], "outputs": [[3]]})}})
+    assert call["tests"] == "assert f(*[1, 2]) in [[3], 3]\n"
+    broken = verl_rows()[:2] + [{"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "q"}],
+                                 "reward_model": {"style": "rule"}, "extra_info": {}}]
+    bad = verl_parquet(tmp_path / "bad.parquet", broken)
+    with pytest.raises(Exception, match=r"bad.parquet:row 2: reward_model must hold a ground_truth"):
+        task_records(load_config(RLConfig, RL_RECIPE, ["task.name=file", f"task.train={bad}", "task.heldout=1"]))
+    unknown = verl_parquet(tmp_path / "unknown.parquet", [{**verl_rows()[0], "data_source": "web_qa"}] * 3)
+    with pytest.raises(Exception, match=r"unknown.parquet:row 0: data_source='web_qa' names no reward"):
+        task_records(load_config(RLConfig, RL_RECIPE, ["task.name=file", f"task.train={unknown}", "task.heldout=1"]))
+
+
 def test_a_code_reward_runs_in_the_loop(tmp_path):
-    """One RL step on code prompts: the rewards are judged in the jail and the per-test pass rate is logged."""
-    proc = run_cli(tmp_path, "task.name=file", f"task.train={code_prompts(tmp_path)}", "task.reward=code",
-                   "task.heldout=2", "train.steps=1", "rollout.prompts_per_step=2", "rollout.n=2", "eval.samples=1",
-                   "logging.progress=false", "checkpoint.every=100")
+    """One RL step on verl-layout prompts mixing math and code: each kind scored by its own reward (code in the
+    jail), the per-test pass rate logged, the estimator's meaning in the start-up line."""
+    data = verl_parquet(tmp_path / "mixed.parquet", verl_rows())
+    proc = run_cli(tmp_path, "task.name=file", f"task.train={data}", "task.heldout=2", "train.steps=1",
+                   "rollout.prompts_per_step=2", "rollout.n=2", "eval.samples=1", "logging.progress=false",
+                   "checkpoint.every=100")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "reward code: nsjail" in proc.stdout
+    assert "reward code: nsjail" in proc.stdout and "reward math" in proc.stdout
+    assert "trajectory replay: each token's log-prob" in proc.stdout and "likelihood raw" in proc.stdout
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["tests_passed"] is not None and 0.0 <= record["tests_passed"] <= 1.0
+    assert record["tests_passed"] is None or 0.0 <= record["tests_passed"] <= 1.0
     assert record["reward_timeouts"] == 0.0 and record["accuracy"] is None
 
 

@@ -225,6 +225,11 @@ def test_run_errors_name_the_problem(tmp_path):
     data.write_text(json.dumps({"prompt": "x" * 400, "response": "y"}) + "\n")
     proc = sft(1, tmp_path / "r1", f"data.train={data}", "data.overlong=error")
     assert proc.returncode == 2 and "exceed data.token_budget=128" in proc.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n{not json\n")
+    proc = sft(1, tmp_path / "r4", f"data.train={bad}")
+    assert proc.returncode == 2 and "bad.jsonl:2: malformed JSON line" in proc.stderr
+    assert "loading " not in proc.stderr  # refused before any weight was loaded or optimizer built
     proc = sft(1, tmp_path / "r2", "parallel.tp=3")
     assert proc.returncode == 2 and "num_attention_heads=4 is not divisible by tp=3" in proc.stderr
     proc = sft(1, tmp_path / "r3", "train.bogus=1")

@@ -36,10 +36,10 @@ def test_client_errors_name_the_route_and_the_server():
 def test_sglang_refuses_what_it_cannot_train():
     config = SGLangServerConfig(model_path="/m")
     with pytest.raises(ConfigError, match="estimator=trajectory replays each token's denoising step"):
-        check_usable(config, "trajectory", 1.0, 8)
+        check_usable(config, "trajectory", {"step_maps", "rollout_logprobs"}, 1.0, 8, ("d1", "ebpo"))
     with pytest.raises(ConfigError, match="LowConfidence decodes greedily .* 8 completions of a group"):
-        check_usable(config, "ebpo", 1.0, 8)
-    check_usable(config, "ebpo", 0.0, 1)  # greedy evaluation is fine
+        check_usable(config, "ebpo", frozenset(), 1.0, 8)
+    check_usable(config, "ebpo", frozenset(), 0.0, 1)  # greedy evaluation is fine
     command = SGLangServerConfig("/m", tp=4, dllm_config={"block_size": 4}).command(30000, "/w", "/c.yaml")
     assert command[-2:] == ["--dllm-algorithm-config", "/c.yaml"] and "--max-running-requests" in command
     assert command[command.index("--tp-size") + 1] == "4" and command[command.index("--model-path") + 1] == "/w"

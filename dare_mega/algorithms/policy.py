@@ -1,35 +1,42 @@
-"""Advantages and policy losses over estimator quantities (pure torch; formulas in docs/algorithms.md).
-
-`policy_loss` returns the loss whose gradient the trainer applies, as a differentiable function of the
-estimator's quantities, plus the numbers worth logging (clip fraction, KL, importance weights).
-"""
+"""The pieces of RL losses that estimators share (pure torch; formulas in docs/algorithms.md): group
+advantages, KL estimators, dual-clip PPO, truncated importance weights, verl's loss aggregations, and the
+token-level PPO loss that d1, Coupled-GRPO and trajectory replay use. Each estimator's own loss lives in its
+file (algorithms/estimators/)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
 
 def group_advantages(rewards: torch.Tensor, groups: list[int], kind: str = "grpo", std_normalize: bool = True,
-                     eps: float = 1e-6) -> torch.Tensor:
+                     eps: float = 1e-6, std: str = "unbiased", group_of_one: str = "reward") -> torch.Tensor:
     """Per-sample advantages within groups of completions of one prompt.
 
-    grpo: (r - mean of the group) / (std of the group + eps) (std_normalize=False keeps the difference);
-    rloo: r - mean of the other members of the group (leave-one-out)."""
+    grpo: (r - mean of the group) / (std of the group + eps) (std_normalize=False keeps the difference), std
+    `unbiased` (n - 1, as torch.std, verl and DARE) or `population` (n);
+    rloo: r - mean of the other members of the group (leave-one-out).
+    A group of one has no baseline: `reward` gives r (verl: mean 0, std 1), `zero` gives 0."""
+    if std not in ("unbiased", "population"):
+        raise ValueError(f"std {std!r}: expected 'unbiased' or 'population'")
+    if group_of_one not in ("reward", "zero"):
+        raise ValueError(f"group_of_one {group_of_one!r}: expected 'reward' or 'zero'")
     rewards = rewards.double()
     out = torch.zeros_like(rewards)
     ids = torch.tensor(groups)
     for g in ids.unique():
         idx = torch.nonzero(ids == g)[:, 0]
         r = rewards[idx]
-        if kind == "rloo":
-            n = len(idx)
-            out[idx] = r - (r.sum() - r) / max(n - 1, 1) if n > 1 else torch.zeros_like(r)
+        if len(idx) == 1:
+            out[idx] = r if group_of_one == "reward" else torch.zeros_like(r)
+        elif kind == "rloo":
+            out[idx] = r - (r.sum() - r) / (len(idx) - 1)
         elif kind == "grpo":
             centered = r - r.mean()
-            out[idx] = centered / (r.std(unbiased=False) + eps) if std_normalize else centered
+            out[idx] = centered / (r.std(unbiased=std == "unbiased") + eps) if std_normalize else centered
         else:
             raise ValueError(f"advantage kind {kind!r}: expected 'grpo' or 'rloo'")
     return out.float()
@@ -59,83 +66,63 @@ def dual_clip_pg(ratio: torch.Tensor, advantage: torch.Tensor, eps_low: float, e
 
 @dataclass(frozen=True)
 class LossConfig:
+    """What every estimator's loss shares (the `algorithm` section); an estimator's own settings are its
+    Options."""
+
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float | None = 3.0
     kl_coef: float = 0.0
-    kl_kind: str = "k3"
+    kl_kind: str = "auto"  # k1 | k2 | k3 | auto (the estimator's default: DARE's, k2 for ESPO, else k3)
     tis_cap: float | None = 2.0  # truncated importance weight for rollout/train mismatch (None: off)
-    spg_mix: float = 0.5  # SPG: weight of the EUBO for negative advantages (1.0: EUBO only)
+
+    def kl(self, estimator) -> str:
+        return estimator.default_kl if self.kl_kind == "auto" else self.kl_kind
 
 
-def policy_loss(estimator, q, q_old, samples, cfg: LossConfig, total_samples: int, q_ref=None, q_rollout=None,
-                total_length: int | None = None):
-    """The loss of this rank's samples, normalised by the global number of samples (sum over ranks = mean).
+def aggregation_weights(kind: str, samples, totals) -> list[torch.Tensor]:
+    """Per-token weights whose sum over data-parallel ranks of sum(w * x) is verl's `loss_agg_mode` of x over
+    the global batch: token-mean (every token of the batch alike: longer answers weigh more), seq-mean-token-mean
+    (each sample's token mean, then the mean over samples), seq-mean-token-sum (each sample's token sum, then the
+    mean over samples)."""
+    if kind == "token-mean":
+        return [torch.full((s.length,), 1.0 / max(totals.tokens, 1), dtype=torch.float64) for s in samples]
+    if kind == "seq-mean-token-mean":
+        return [torch.full((s.length,), 1.0 / max(s.length, 1) / totals.samples, dtype=torch.float64) for s in samples]
+    if kind == "seq-mean-token-sum":
+        return [torch.full((s.length,), 1.0 / totals.samples, dtype=torch.float64) for s in samples]
+    raise ValueError(f"loss_agg {kind!r}: expected one of {', '.join(LOSS_AGGREGATIONS)}")
 
-    SPG weighs each sequence by its length: sum_seq (-A logp_seq |y|) / sum |y| (`total_length`, global)."""
-    stats = {"clipped": 0.0, "units": 0.0, "kl": 0.0, "tis_mean": 0.0, "tis_truncated": 0.0, "tis_tokens": 0.0,
-             "rollout_gap": 0.0, "ratio_max_dev": 0.0}
 
-    def track(ratio):
-        if ratio.numel():
-            stats["ratio_max_dev"] = max(stats["ratio_max_dev"], float((ratio.detach() - 1).abs().max()))
+def token_ppo_loss(estimator, q, q_old, samples, cfg: LossConfig, weights, stats: dict, q_ref=None, q_rollout=None):
+    """sum_i sum_t w_it [dual-clip PPO of exp(q - q_old), times the truncated importance weight
+    min(exp(q_old - q_rollout), tis_cap) where rollout log-probs exist, + kl_coef KL(q || q_ref)]. Statistics
+    count each sample's tokens alike (a per-sample clip fraction), whatever the weights."""
+    from dare_mega.algorithms.estimators.base import track_ratio
 
     total = q[0].new_zeros(()) if q else torch.zeros(())
-    weights = estimator.token_weights(samples) if estimator.level == "token" else None
     for i, s in enumerate(samples):
+        if not len(q[i]):
+            continue
         adv = torch.tensor(s.advantage, dtype=q[i].dtype, device=q[i].device)
-        if estimator.name == "spg":
-            elbo, eubo = q[i][0], q[i][1]
-            logp_seq = elbo if s.advantage > 0 else cfg.spg_mix * eubo + (1 - cfg.spg_mix) * elbo
-            scale = s.length * total_samples / total_length if total_length else 1.0
-            loss = -adv * logp_seq * scale
-            stats["units"] += 1
-        elif estimator.level == "token":
-            ratio = torch.exp(q[i] - q_old[i])
-            track(ratio)
-            pg, clipped = dual_clip_pg(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
-            if q_rollout is not None and q_rollout[i] is not None and cfg.tis_cap is not None:
-                gap = q_old[i] - q_rollout[i]
-                tis = torch.exp(gap).clamp(max=cfg.tis_cap)
-                pg = pg * tis
-                stats["tis_mean"] += float(tis.sum())
-                stats["tis_truncated"] += float((torch.exp(gap) > cfg.tis_cap).sum())
-                stats["tis_tokens"] += len(tis)
-                stats["rollout_gap"] += float(gap.abs().sum())
-            w = weights[i].to(pg.device, pg.dtype)
-            loss = (w * pg).sum()
-            stats["clipped"] += float((w * clipped.to(w.dtype)).sum())
-            stats["units"] += 1
-            if q_ref is not None and cfg.kl_coef:
-                kl = (w * kl_penalty(q[i] - q_ref[i], cfg.kl_kind)).sum()
-                loss = loss + cfg.kl_coef * kl
-                stats["kl"] += float(kl)
-        elif estimator.name == "bgpo":
-            delta = q[i] - q_old[i]
-            ratio = 1 + delta if s.advantage > 0 else torch.exp(delta)
-            track(ratio)
-            pg, clipped = dual_clip_pg(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
-            loss = pg.mean()
-            stats["clipped"] += float(clipped.float().mean())
-            stats["units"] += 1
-        elif estimator.name == "ebpo":
-            log_ratio = q[i] - q_old[i]
-            track(torch.exp(log_ratio))
-            bound = math.log(1 + cfg.eps_high) if s.advantage >= 0 else math.log(1 - cfg.eps_low)
-            clipped_log = torch.minimum(log_ratio, log_ratio.new_tensor(bound)) if s.advantage >= 0 else \
-                torch.maximum(log_ratio, log_ratio.new_tensor(bound))
-            loss = -adv * torch.exp(clipped_log)
-            stats["clipped"] += float(clipped_log != log_ratio)
-            stats["units"] += 1
-        else:  # espo: sequence-level PPO clip on the normalised ELBO
-            ratio = torch.exp(q[i] - q_old[i])
-            track(ratio)
-            loss, clipped = dual_clip_pg(ratio, adv, cfg.eps_low, cfg.eps_high, None)
-            stats["clipped"] += float(clipped)
-            stats["units"] += 1
-        if estimator.level == "sequence" and q_ref is not None and cfg.kl_coef:
-            kl = kl_penalty((q[i] - q_ref[i]).mean(), cfg.kl_kind)
-            loss = loss + cfg.kl_coef * kl
-            stats["kl"] += float(kl)
+        ratio = torch.exp(q[i] - q_old[i])
+        track_ratio(stats, ratio)
+        pg, clipped = dual_clip_pg(ratio, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+        if q_rollout is not None and q_rollout[i] is not None and cfg.tis_cap is not None:
+            gap = q_old[i] - q_rollout[i].to(q_old[i])
+            tis = torch.exp(gap).clamp(max=cfg.tis_cap)
+            pg = pg * tis
+            stats["tis_mean"] += float(tis.sum())
+            stats["tis_truncated"] += float((torch.exp(gap) > cfg.tis_cap).sum())
+            stats["tis_tokens"] += len(tis)
+            stats["rollout_gap"] += float(gap.abs().sum())
+        w = weights[i].to(pg.device, pg.dtype)
+        loss = (w * pg).sum()
+        stats["clipped"] += float(clipped.to(pg.dtype).mean())
+        stats["units"] += 1
+        if q_ref is not None and cfg.kl_coef:
+            kl = kl_penalty(q[i] - q_ref[i], cfg.kl(estimator))
+            loss = loss + cfg.kl_coef * (w * kl).sum()
+            stats["kl"] += float(kl.mean())
         total = total + loss
-    return total / total_samples, stats
+    return total

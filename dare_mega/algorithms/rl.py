@@ -3,12 +3,13 @@
   rows   = estimator.rows(samples)                  # two-stream rows, noise from the step's generator
   lp_old = log p(clean | rows)  on Megatron         # forward only, vocab-parallel, any TP/PP/EP
   q_old  = estimator.quantities(lp_old)             # per token or per sequence
-  loss   = policy_loss(q(lp), q_old, advantages)    # ratios, clipping, KL, importance weights
+  loss   = estimator.loss(q(lp), q_old, ...)        # ratios, clipping, KL, importance weights
   c      = d loss / d lp                            # autograd on a [rows, length] tensor
   backward of sum(c * log p) on Megatron            # the same gradient as d loss / d theta, exactly
 
 The first update after a synchronous rollout has ratio exactly 1 (lp = lp_old); later epochs over the
-same rollout (`epochs` > 1) recompute lp with the updated weights and the same noise.
+same rollout (`epochs` > 1) draw fresh noise (estimators whose rows are noise) and compare the updated
+policy with the old quantities of their own rows, all taken under the weights that sampled.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dare_mega.algorithms.estimators import Rows
-from dare_mega.algorithms.policy import LossConfig, policy_loss
+from dare_mega.algorithms.estimators import Rows, Totals
+from dare_mega.algorithms.policy import LossConfig
 from dare_mega.diffusion.masks import packed_position_ids, two_stream_inputs, two_stream_mask
 from dare_mega.models.routing import mismatch_counts, record_megatron_routing
 from dare_mega.models.runner import Batch
@@ -107,27 +108,31 @@ def _max_over_ranks(shape: tuple[int, int]) -> tuple[int, int]:
     return int(t[0]), int(t[1])
 
 
-def policy_gradient(runner, estimator, samples, generators: list[torch.Generator], cfg: LossConfig,
-                    total_samples: int, total_length: int, micro_batch_size: int = 1, ref_runner=None,
-                    sp_multiple: int = 1, temperature: float = 1.0, q_old=None, prepared=None, engine_routing=None,
-                    pack_tokens: int | None = None):
-    """Gradients of the policy loss into the model's main_grad (no optimizer step).
+@dataclass
+class Prepared:
+    """One epoch's rows, laid out, with what the loss compares against: the old quantities (under the weights
+    that sampled), the reference's and the rollout's."""
 
-    `engine_routing(batch)` (MoE only): the rollout engine's experts for the rows, {layer: [B, S, topk]}; when
-    given, stats get `router_differ` / `router_tokens` (models/routing.py) from the first forward.
+    laid: RowBatch
+    plan: object
+    q_old: list
+    q_ref: list | None
+    q_rollout: list | None
 
-    `pack_tokens`: pack the estimator's rows into sequences of that many tokens per stream (rows_to_batch).
 
-    Returns (stats, prepared): `prepared` (laid-out rows, plan, q_old, q_ref, q_rollout) lets further epochs over
-    the same rollout reuse the noise and the old quantities."""
-    clock = time.perf_counter()
-    if prepared is None:
-        rows, plan = estimator.rows(samples, generators)
-        laid = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size, pack_tokens)
-        shape = _max_over_ranks((laid.batch.size, laid.batch.seq_len // 2))
-        if shape != (laid.batch.size, laid.batch.seq_len // 2):
-            laid = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size, pack_tokens, shape)
-        routing = {}
+def prepare(runner, estimator, samples, generators: list[torch.Generator], cfg: LossConfig, micro_batch_size: int = 1,
+            ref_runner=None, sp_multiple: int = 1, temperature: float = 1.0, q_old=None, engine_routing=None,
+            pack_tokens: int | None = None) -> tuple[Prepared, dict]:
+    """Rows from `generators`, laid out at one shape on every rank, and the forward-only passes: the old
+    quantities (unless given, or the estimator compares with nothing), the reference's (with a KL), the
+    rollout's log-probs (when the estimator uses them). Returns (prepared, routing stats)."""
+    rows, plan = estimator.rows(samples, generators)
+    laid = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size, pack_tokens)
+    shape = _max_over_ranks((laid.batch.size, laid.batch.seq_len // 2))
+    if shape != (laid.batch.size, laid.batch.seq_len // 2):
+        laid = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size, pack_tokens, shape)
+    routing = {}
+    if q_old is None and estimator.uses_old:
         if engine_routing is not None and runner.args.moe:
             with record_megatron_routing(runner.chunks) as record:
                 lp = noisy_log_probs(runner, laid, micro_batch_size, temperature)
@@ -137,23 +142,27 @@ def policy_gradient(runner, estimator, samples, generators: list[torch.Generator
             routing = {"router_differ": differ, "router_tokens": total}
         else:
             lp = noisy_log_probs(runner, laid, micro_batch_size, temperature)
-        if q_old is None:
-            q_old = [q.detach() for q in estimator.quantities(lp, plan)]
-        q_ref = None
-        if ref_runner is not None and cfg.kl_coef:
-            ref_lp = noisy_log_probs(ref_runner, laid, micro_batch_size, temperature)
-            q_ref = [q.detach() for q in estimator.quantities(ref_lp, plan)]
-        q_rollout = None
-        if estimator.name == "trajectory":
-            q_rollout = [torch.tensor(s.rollout_logprobs) if s.rollout_logprobs is not None else None for s in samples]
-    else:
-        laid, plan, q_old, q_ref, q_rollout = prepared
-        lp = noisy_log_probs(runner, laid, micro_batch_size, temperature)
-        routing = {}
-    seconds_logprob = time.perf_counter() - clock
+        q_old = [q.detach() for q in estimator.quantities(lp, plan)]
+    q_ref = None
+    if ref_runner is not None and cfg.kl_coef:
+        ref_lp = noisy_log_probs(ref_runner, laid, micro_batch_size, temperature)
+        q_ref = [q.detach() for q in estimator.quantities(ref_lp, plan)]
+    q_rollout = None
+    if "rollout_logprobs" in estimator.needs:
+        q_rollout = [torch.tensor(s.rollout_logprobs) if s.rollout_logprobs is not None else None for s in samples]
+    return Prepared(laid, plan, q_old, q_ref, q_rollout), routing
+
+
+def policy_gradient(runner, estimator, samples, prepared: Prepared, cfg: LossConfig, totals: Totals,
+                    micro_batch_size: int = 1, temperature: float = 1.0) -> dict:
+    """Gradients of the estimator's loss into the model's main_grad (no optimizer step), exactly:
+    lp under the current weights (forward-only), c = d loss / d lp, then backward of sum(c * log p)."""
+    laid, plan = prepared.laid, prepared.plan
+    lp = noisy_log_probs(runner, laid, micro_batch_size, temperature)
     leaf = lp.detach().clone().requires_grad_(True)
     q = estimator.quantities(leaf, plan)
-    loss, stats = policy_loss(estimator, q, q_old, samples, cfg, total_samples, q_ref, q_rollout, total_length)
+    q_old = prepared.q_old if prepared.q_old is not None else [v.detach() for v in q]
+    loss, stats = estimator.loss(q, q_old, samples, cfg, totals, prepared.q_ref, prepared.q_rollout)
     coef = torch.autograd.grad(loss, leaf, allow_unused=True)[0] if loss.requires_grad else None
     if coef is None:
         coef = torch.zeros_like(leaf)
@@ -163,29 +172,34 @@ def policy_gradient(runner, estimator, samples, generators: list[torch.Generator
                       loss_normalizer=torch.zeros(batch.size, dtype=torch.long))
     runner.loss_and_grads(surrogate, micro_batch_size, temperature)
     stats.update(loss=float(loss.detach()), rows=len(laid.places), packed_rows=batch.size,
-                 padding=1.0 - sum(p[2] for p in laid.places) / (batch.size * batch.seq_len // 2),
-                 seconds_logprob=seconds_logprob, **routing)
-    return stats, (laid, plan, q_old, q_ref, q_rollout)
+                 padding=1.0 - sum(p[2] for p in laid.places) / (batch.size * batch.seq_len // 2))
+    return stats
 
 
-def policy_update(runner, optimizer, estimator, samples, generators: list[torch.Generator], cfg: LossConfig,
-                  total_samples: int, total_length: int, micro_batch_size: int = 1, epochs: int = 1,
-                  ref_runner=None, sp_multiple: int = 1, temperature: float = 1.0, engine_routing=None,
-                  pack_tokens: int | None = None) -> dict:
-    """Update the policy on this rank's samples (`epochs` optimizer steps over the same rollout and noise);
-    returns the loss (this rank's share) and statistics.
+def policy_update(runner, optimizer, estimator, samples, noise, cfg: LossConfig, totals: Totals,
+                  micro_batch_size: int = 1, epochs: int = 1, ref_runner=None, sp_multiple: int = 1,
+                  temperature: float = 1.0, engine_routing=None, pack_tokens: int | None = None) -> dict:
+    """Update the policy on this rank's samples: `epochs` optimizer steps over the same rollout. `noise(epoch)`
+    gives the per-sample generators of an epoch: an estimator whose rows are noise draws a fresh mask set per
+    epoch (DARE's inner iterations, ESPO's mu), and every epoch's old quantities are taken first, under the
+    weights that sampled, so the ratio of a later epoch compares the updated policy with the one that
+    sampled on that epoch's own masks. Returns the loss (this rank's share) and statistics.
 
-    Log-probs are taken at the rollout's sampling temperature, so that the policy trained is the one that
-    sampled (and the rollout's own log-probs are comparable)."""
-    prepared, stats, routing, seconds_logprob = None, {}, {}, 0.0
-    for _ in range(epochs):
+    `temperature` divides the logits of every likelihood (1.0: raw logits, DARE's block-diffusion actors)."""
+    clock = time.perf_counter()
+    draws = epochs if estimator.random_rows else 1
+    prepared, routing = [], {}
+    for epoch in range(draws):
+        p, r = prepare(runner, estimator, samples, noise(epoch), cfg, micro_batch_size, ref_runner, sp_multiple,
+                       temperature, engine_routing=engine_routing if epoch == 0 else None, pack_tokens=pack_tokens)
+        prepared.append(p)
+        routing = routing or r
+    seconds_logprob = time.perf_counter() - clock
+    stats = {}
+    for epoch in range(epochs):
         optimizer.zero_grad()
-        stats, prepared = policy_gradient(runner, estimator, samples, generators, cfg, total_samples, total_length,
-                                          micro_batch_size, ref_runner, sp_multiple, temperature, prepared=prepared,
-                                          engine_routing=engine_routing if prepared is None else None,
-                                          pack_tokens=pack_tokens)
-        seconds_logprob += stats["seconds_logprob"]
-        routing = routing or {k: stats[k] for k in ("router_differ", "router_tokens") if k in stats}
+        stats = policy_gradient(runner, estimator, samples, prepared[epoch % draws], cfg, totals, micro_batch_size,
+                                temperature)
         ok, grad_norm, _ = optimizer.step()
         stats.update(grad_norm=float(grad_norm) if grad_norm is not None else None, skipped=not ok)
     return stats | routing | {"seconds_logprob": seconds_logprob}

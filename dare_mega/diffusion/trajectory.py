@@ -6,7 +6,7 @@ two-stream layout [x_t ; x_0] a noisy block sees exactly that: itself and the cl
 row per step index s, whose noisy copy shows each block as it was at step s, gives in a single forward the
 log-prob of every token revealed at step s, in every block at once (TraceRL / DARE's trajectory estimator).
 
-The rows are built by the RL trainer's own estimator (algorithms/estimators.py: TrajectoryReplay), so the check
+The rows are built by the RL trainer's own estimator (algorithms/estimators/trajectory.py), so the check
 that replay gives the rollout's log-probs back covers the code the trainer runs.
 """
 
@@ -18,12 +18,12 @@ import torch
 def replay_log_probs(runner, completion, mask_token_id: int, micro_batch_size: int | None = None,
                      pack_tokens: int | None = None) -> list[float]:
     """The training-side log-prob of each generated token of a Completion, via a Runner (any layout)."""
-    from dare_mega.algorithms.estimators import Sample, TrajectoryReplay
+    from dare_mega.algorithms.estimators import Sample, build
     from dare_mega.algorithms.rl import noisy_log_probs, rows_to_batch
 
     sample = Sample(completion.prompt_ids, completion.generated_ids, completion.generated_reveal_steps,
                     completion.block_size)
-    estimator = TrajectoryReplay(mask_token_id)
+    estimator = build("trajectory", mask_token_id)
     rows, plan = estimator.rows([sample], [torch.Generator()])
     # sequence parallelism splits each stream's tokens over the tensor-parallel ranks
     laid = rows_to_batch(rows, completion.block_size, multiple=_tp_size(), pack_tokens=pack_tokens)

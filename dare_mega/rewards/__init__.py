@@ -5,9 +5,9 @@ is the start-up check that refuses code rewards which cannot run isolated.
 """
 
 from dare_mega.rewards.jail import IsolationUnavailable
-from dare_mega.rewards.scoring import prepare, score, score_many
+from dare_mega.rewards.scoring import prepare, score, score_many, score_records
 from dare_mega.rewards.types import CodeSettings, Outcome, RewardSettings
 from dare_mega.rewards.verifiers import CODE_REWARDS, REWARDS, check_fields
 
 __all__ = ["CODE_REWARDS", "REWARDS", "CodeSettings", "IsolationUnavailable", "Outcome", "RewardSettings",
-           "check_fields", "prepare", "score", "score_many"]
+           "check_fields", "prepare", "score", "score_many", "score_records"]

@@ -68,6 +68,20 @@ def score_many(name: str, texts: list[str], records: list[dict], settings: Rewar
         return list(pool.map(lambda pair: _one(name, pair[0], pair[1], settings, log), zip(texts, records)))
 
 
+def score_records(texts: list[str], records: list[dict], settings: RewardSettings | None = None,
+                  log=None) -> list[Outcome]:
+    """Outcomes of completions whose records each name their reward (`_reward`, as the RL data loader sets it:
+    a mixed math + code set scores each kind its own way), in order; each kind scored in the pool."""
+    names = [r["_reward"] for r in records]
+    out: list = [None] * len(records)
+    for name in dict.fromkeys(names):
+        index = [i for i, n in enumerate(names) if n == name]
+        for i, outcome in zip(index, score_many(name, [texts[i] for i in index], [records[i] for i in index],
+                                                settings, log)):
+            out[i] = outcome
+    return out
+
+
 def prepare(name: str, settings: RewardSettings | None = None, log=print) -> str:
     """Start-up, before any process group or model: a code reward gets its sandbox checked end to end (a correct
     and a wrong program through the real backend); raises IsolationUnavailable with what is missing and how to

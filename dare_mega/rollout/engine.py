@@ -24,7 +24,7 @@ import torch
 from dare_mega.errors import ConfigError
 from dare_mega.rollout.model import InferenceModel, KVCache
 from dare_mega.rollout.policies import choose_reveals, sample_block
-from dare_mega.rollout.types import Completion, SamplingParams
+from dare_mega.rollout.types import Completion, SamplingParams, prompt_ids
 
 
 @dataclass
@@ -136,18 +136,7 @@ class NativeEngine:
 
     # ---- generation ------------------------------------------------------------------------------------
     def encode(self, prompts) -> list[list[int]]:
-        out = []
-        for p in prompts:
-            if isinstance(p, str):
-                if self.tokenizer is None:
-                    raise ConfigError("text prompts need a tokenizer; give prompt_ids instead")
-                out.append(self.tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                                              add_generation_prompt=True, tokenize=True))
-                if isinstance(out[-1], dict) or hasattr(out[-1], "input_ids"):
-                    out[-1] = list(out[-1]["input_ids"])
-            else:
-                out.append([int(t) for t in p])
-        return out
+        return [prompt_ids(p, self.tokenizer) for p in prompts]
 
     def generate(self, prompts, params: SamplingParams = SamplingParams(), cache: bool = True) -> list[Completion]:
         params.check()

@@ -15,12 +15,15 @@ from dare_mega.rollout.types import SamplingParams
 def sample_block(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
                  never: int | None = None):
     """logits [T, V] float32 -> tokens [T], confidence [T] (probability of the token under the filtered
-    distribution), logprob [T] (log softmax(logits / T) of the token, untruncated), entropy [T].
+    distribution), logprob [T] (log softmax(logits / T) of the token, untruncated; T = logprob_temperature
+    when set), entropy [T].
 
     `never` (the mask id) is never sampled: revealing a mask would leave the position masked."""
     temperature = params.temperature if params.temperature > 0 else 1.0
     scaled = logits / temperature
-    log_probs = torch.log_softmax(scaled, dim=-1)  # what the trainer recomputes: the full vocabulary
+    # what the trainer recomputes: the full vocabulary, at the trainer's likelihood temperature
+    likelihood = params.logprob_temperature or temperature
+    log_probs = torch.log_softmax(scaled if likelihood == temperature else logits / likelihood, dim=-1)
     if never is not None:
         scaled = scaled.clone()
         scaled[:, never] = float("-inf")

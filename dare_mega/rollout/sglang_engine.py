@@ -25,12 +25,9 @@ import yaml
 
 from dare_mega.errors import ConfigError
 from dare_mega.rollout.sglang_client import SGLangClient, SGLangError
-from dare_mega.rollout.types import Completion, SamplingParams
+from dare_mega.rollout.types import Completion, SamplingParams, prompt_ids
 
 GREEDY_ALGORITHMS = ("LowConfidence", "JointThreshold", "JointThresholdInDel")
-NEEDS_STEP_MAPS = ("trajectory",)
-
-
 @dataclass
 class SGLangServerConfig:
     model_path: str
@@ -53,12 +50,14 @@ class SGLangServerConfig:
         return command + list(self.extra_args)
 
 
-def check_usable(config: SGLangServerConfig, estimator: str, temperature: float, group_size: int) -> None:
-    """Refuse, before anything starts, the combinations that SGLang's dLLM serving cannot train."""
-    if estimator in NEEDS_STEP_MAPS:
+def check_usable(config: SGLangServerConfig, estimator: str, needs, temperature: float, group_size: int,
+                 without_step_maps=()) -> None:
+    """Refuse, before anything starts, the combinations that SGLang's dLLM serving cannot train. `needs`: what
+    the estimator needs from the rollout ("step_maps", ...); `without_step_maps`: the estimators that need none."""
+    if "step_maps" in needs:
         raise ConfigError(f"algorithm.estimator={estimator} replays each token's denoising step, which SGLang does "
                           f"not return; use the native engine, or an estimator that needs no step map "
-                          f"(d1, coupled, bgpo, ebpo, espo, spg)")
+                          f"({', '.join(without_step_maps)})")
     if config.dllm_algorithm in GREEDY_ALGORITHMS and temperature > 0 and group_size > 1:
         raise ConfigError(f"SGLang's {config.dllm_algorithm} decodes greedily (it ignores temperature={temperature}), "
                           f"so the {group_size} completions of a group would be identical and their advantages 0; "
@@ -191,13 +190,7 @@ class SGLangEngine:
         return out
 
     def _ids(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ConfigError("text prompts need a tokenizer (SGLangEngine(tokenizer=...))")
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                                     add_generation_prompt=True)
-            return list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "input_ids") else list(ids)
-        return list(prompt)
+        return prompt_ids(prompt, self.tokenizer)
 
     def _completion(self, prompt_ids: list[int], answer: dict) -> Completion:
         meta = answer.get("meta_info", {})

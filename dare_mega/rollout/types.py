@@ -26,6 +26,8 @@ class SamplingParams:
     block_size: int | None = None  # default: the model family's
     stop_token_ids: tuple[int, ...] | None = None  # default: the model's EOS ids
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer)
+    # the recorded log-probs divide the logits by this (default: the sampling temperature; 1 when greedy)
+    logprob_temperature: float | None = None
 
     def check(self) -> None:
         if self.policy not in POLICIES:
@@ -42,6 +44,8 @@ class SamplingParams:
             raise ConfigError(f"sampling: entropy_bound={self.entropy_bound} must be > 0")
         if self.temperature < 0:
             raise ConfigError(f"sampling: temperature={self.temperature} must be >= 0")
+        if self.logprob_temperature is not None and self.logprob_temperature <= 0:
+            raise ConfigError(f"sampling: logprob_temperature={self.logprob_temperature} must be > 0")
         if self.top_k < 0:
             raise ConfigError(f"sampling: top_k={self.top_k} must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
@@ -56,7 +60,8 @@ class Completion:
     string, or at max_new_tokens; one log-prob and one reveal step (the denoising step, within its block,
     that unmasked the token) per token. generated_*: everything the blocks decoded, including tokens after
     the stop inside the last block, which the next steps of that block were conditioned on (what a replay
-    of the trajectory needs). logprobs are log softmax(logits / T) of the sampled token (T = 1 when greedy),
+    of the trajectory needs). logprobs are log softmax(logits / T) of the sampled token (T: logprob_temperature,
+    by default the sampling temperature, 1 when greedy),
     without top-k / top-p truncation: the quantity the trainer recomputes.
     """
 
@@ -76,3 +81,16 @@ class Completion:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def prompt_ids(prompt, tokenizer) -> list[int]:
+    """A prompt as token ids: ids stay as they are; text is one user message and a list of chat messages
+    ({"role", "content"}, verl's and DARE's prompt layout) is the conversation, both through the tokenizer's
+    chat template with the generation prompt."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
+        if tokenizer is None:
+            raise ConfigError("text and chat prompts need a tokenizer; give prompt ids instead")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "input_ids") else list(ids)
+    return [int(t) for t in prompt]

@@ -174,19 +174,21 @@ class SGLangSection:
 
 @dataclass
 class AlgorithmSection:
-    estimator: str = field(default="trajectory",
-                           metadata=choices("trajectory", "d1", "coupled", "bgpo", "ebpo", "espo", "spg"))
+    estimator: str = "trajectory"  # a registered estimator (dare_mega/algorithms/estimators/: one file each)
+    options: dict = field(default_factory=dict)  # the estimator's own settings (its Options; unknown keys refused)
     advantage: str = field(default="grpo", metadata=choices("grpo", "rloo"))
     std_normalize: bool = True
+    std: str = field(default="unbiased", metadata=choices("unbiased", "population"))  # DARE/verl: unbiased
+    group_of_one: str = field(default="reward", metadata=choices("reward", "zero"))  # verl: its reward
+    # the likelihood the losses use: raw logits (DARE's block-diffusion actors) or logits / rollout.temperature
+    likelihood: str = field(default="raw", metadata=choices("raw", "tempered"))
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float | None = 3.0
     kl_coef: float = 0.0
-    kl_kind: str = field(default="k3", metadata=choices("k1", "k2", "k3"))
+    kl_kind: str = field(default="auto", metadata=choices("auto", "k1", "k2", "k3"))  # auto: the estimator's
     tis_cap: float | None = 2.0
-    epochs: int = 1
-    mc: int = 4  # Monte-Carlo rows per sample (bgpo, ebpo, espo, spg)
-    spg_mix: float = 0.5
+    epochs: int = 1  # optimizer steps per rollout, each on a fresh draw of the estimator's noise
     freeze_expert_bias: bool = True  # keep the MoE router's selection bias fixed during RL (LLaDA2)
     expert_bias_update_rate: float = 1.0e-3  # used when freeze_expert_bias is false (aux-loss-free balancing)
     log_router_mismatch: bool = True  # MoE: fraction of (token, layer) whose experts differ, rollout vs train
@@ -234,7 +236,7 @@ class RLConfig:
         positive = {"rollout.prompts_per_step": self.rollout.prompts_per_step, "rollout.n": self.rollout.n,
                     "rollout.max_new_tokens": self.rollout.max_new_tokens, "train.steps": self.train.steps,
                     "train.micro_batch_size": self.train.micro_batch_size, "algorithm.epochs": self.algorithm.epochs,
-                    "algorithm.mc": self.algorithm.mc, "rollout.sync_bucket_mb": self.rollout.sync_bucket_mb,
+                    "rollout.sync_bucket_mb": self.rollout.sync_bucket_mb,
                     "task.heldout": self.task.heldout,
                     "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep}
         for key, value in positive.items():
@@ -249,3 +251,12 @@ class RLConfig:
         if self.optim.lr <= 0:
             raise ConfigError(f"{source}: optim.lr={self.optim.lr} must be > 0")
         self.reward.check(source)
+        from dare_mega.algorithms.estimators import ESTIMATORS, options_for
+
+        options = options_for(self.algorithm.estimator, self.algorithm.options, source)
+        for key in ("mc",):
+            if getattr(options, key, 1) < 1:
+                raise ConfigError(f"{source}: algorithm.options.{key}={getattr(options, key)} must be >= 1")
+        if self.algorithm.kl_coef and not ESTIMATORS[self.algorithm.estimator].supports_kl:
+            raise ConfigError(f"{source}: algorithm.kl_coef={self.algorithm.kl_coef}: the "
+                              f"{self.algorithm.estimator} estimator has no KL term")

@@ -26,46 +26,63 @@ from dare_mega.trainer.config import RLConfig
 
 
 def task_records(cfg: RLConfig):
-    """(train records, held-out records, reward name)."""
+    """(train records, held-out records, the rewards they use). Every record names its reward in `_reward`:
+    task.reward when set, else its own (verl / DARE layout: from extra_info.task or data_source), else the
+    task's; a record missing what its reward needs is named by file and line (or row) here, before any model."""
     from dare_mega.data.tasks import TASK_REWARDS, make_task
     from dare_mega.rewards import check_fields
 
     if cfg.task.name == "file":
-        from dare_mega.data.records import read_records
+        from dare_mega.data.records import read_records, rl_record
 
-        records = read_records(cfg.task.train)
+        records = [rl_record(r, cfg.task.reward) for r in read_records(cfg.task.train)]
+        default = cfg.task.reward or "math"
         heldout, train = records[: cfg.task.heldout], records[cfg.task.heldout :]
-        reward = cfg.task.reward or "math"
     else:
         train = make_task(cfg.task.name, cfg.task.train_prompts, seed=cfg.task.seed)
         heldout = make_task(cfg.task.name, cfg.task.heldout, seed=cfg.task.seed + 1_000_003,
                             exclude={r["prompt"] for r in train})
-        reward = cfg.task.reward or TASK_REWARDS[cfg.task.name]
+        default = cfg.task.reward or TASK_REWARDS[cfg.task.name]
     if not train:
         raise ConfigError("task: no training prompts left after the held-out split")
     for i, record in enumerate(train + heldout):
-        if "prompt" not in record:
-            raise ConfigError(f"{record.get('_source', f'record {i}')}: needs a 'prompt'")
-        check_fields(reward, record, record.get("_source", f"record {i}"))
-    return train, heldout, reward
+        where = record.get("_source", f"record {i}")
+        if "prompt" not in record or not record["prompt"]:
+            raise ConfigError(f"{where}: needs a 'prompt'")
+        record["_reward"] = cfg.task.reward or record.get("_reward") or default
+        check_fields(record["_reward"], record, where)
+    return train, heldout, sorted({r["_reward"] for r in train + heldout})
+
+
+EPOCH_SEED_STRIDE = 1_000_000_000_039  # epoch e's noise: seeds shifted past every (step, sample) of a run
+
+
+def likelihood_temperature(cfg: RLConfig) -> float:
+    """What the losses divide the logits by: 1 (raw logits, DARE's block-diffusion actors) or the sampling
+    temperature (the distribution that sampled)."""
+    if cfg.algorithm.likelihood == "raw" or cfg.rollout.temperature <= 0:
+        return 1.0
+    return cfg.rollout.temperature
 
 
 def sampling(cfg: RLConfig, seeds, greedy: bool = False, max_new_tokens: int | None = None):
+    """The rollout's decoding; its recorded log-probs use the trainer's likelihood, so that the importance
+    weights compare like with like."""
     from dare_mega.rollout.types import SamplingParams
 
     r = cfg.rollout
     return SamplingParams(max_new_tokens=max_new_tokens or r.max_new_tokens, policy=r.policy, steps=r.steps,
                           threshold=r.threshold, temperature=0.0 if greedy else r.temperature, top_k=r.top_k,
-                          top_p=r.top_p, seeds=tuple(seeds))
+                          top_p=r.top_p, seeds=tuple(seeds), logprob_temperature=likelihood_temperature(cfg))
 
 
-def evaluate(engine, records, reward, cfg: RLConfig) -> dict:
+def evaluate(engine, records, cfg: RLConfig) -> dict:
     """Held-out accuracy: greedy, and the mean over `eval.samples` samples at the rollout's temperature with fixed
     seeds (what RL optimises). Every rank computes the same numbers."""
-    from dare_mega.rewards import score_many
+    from dare_mega.rewards import score_records
 
     def accuracy(completions, records):
-        outcomes = score_many(reward, [c.text for c in completions], records, cfg.reward)
+        outcomes = score_records([c.text for c in completions], records, cfg.reward)
         return sum(o.score for o in outcomes) / len(outcomes)
 
     prompts = [r["prompt"] for r in records]
@@ -77,19 +94,19 @@ def evaluate(engine, records, reward, cfg: RLConfig) -> dict:
     return {"greedy": accuracy(greedy, records), "sampled": accuracy(sampled, records * k)}
 
 
-def step_rewards(reward, completions, requests, cfg: RLConfig, log, device) -> torch.Tensor:
+def step_rewards(completions, requests, cfg: RLConfig, log, device) -> torch.Tensor:
     """[n, 4] float64: reward, tests passed, tests total, timed out, per request. The requests of a data-parallel
     rank are the same on all its tensor and pipeline ranks: its first model-parallel rank scores them (in the
     reward pool) and broadcasts, so a sandbox is run once per sample and every rank trains on the same rewards."""
     from megatron.core import parallel_state as ps
 
-    from dare_mega.rewards import score_many
+    from dare_mega.rewards import score_records
 
     group = ps.get_model_parallel_group()
     scorer = dist.get_global_rank(group, 0)
     values = torch.zeros(len(requests), 4, dtype=torch.float64)
     if dist.get_rank() == scorer:
-        outcomes = score_many(reward, [c.text for c in completions], requests, cfg.reward, log)
+        outcomes = score_records([c.text for c in completions], requests, cfg.reward, log)
         values = torch.tensor([[o.score, o.tests_passed or 0, o.tests_total or 0, float(o.status == "timeout")]
                                for o in outcomes], dtype=torch.float64)
     values = values.to(device)
@@ -114,7 +131,7 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     (default: native_rollout; the Ray launcher passes remote engine actors)."""
     from megatron.core import parallel_state as ps
 
-    from dare_mega.algorithms.estimators import Sample, build
+    from dare_mega.algorithms.estimators import ESTIMATORS, Sample, Totals, build
     from dare_mega.algorithms.policy import LossConfig, group_advantages
     from dare_mega.algorithms.rl import policy_update
     from dare_mega.checkpoint.torch_dist import load_into
@@ -131,12 +148,13 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     from dare_mega.weight_sync.export import WeightExporter
     from dare_mega.weight_sync.sync import WeightSync
 
-    train, heldout, reward = task_records(cfg)
+    train, heldout, rewards = task_records(cfg)
+
     # a code reward's sandbox is checked (or refused, naming what is missing) before any model or process group
     def announce(message):
         print(message, file=sys.stderr, flush=True)
 
-    where = prepare(reward, cfg.reward, log=announce)
+    where = "; ".join(prepare(name, cfg.reward, log=announce) for name in rewards)
     if cfg.eval.tasks:
         from dare_mega.eval.benchmarks import BENCHMARKS
 
@@ -156,7 +174,8 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         from dare_mega.rollout.sglang_engine import SGLangServerConfig, check_usable
 
         check_usable(SGLangServerConfig(hf_dir, dllm_algorithm=cfg.sglang.dllm_algorithm), cfg.algorithm.estimator,
-                     cfg.rollout.temperature, cfg.rollout.n)
+                     ESTIMATORS[cfg.algorithm.estimator].needs, cfg.rollout.temperature, cfg.rollout.n,
+                     sorted(n for n, e in ESTIMATORS.items() if "step_maps" not in e.needs))
     env = init_distributed()
     init_model_parallel(layout, seed=cfg.train.seed)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -194,9 +213,9 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         weights.sync(start)
     meta, assets = training_meta(hf_dir, args, layout, dtype, cfg.run_dir, env)
 
-    estimator = build(cfg.algorithm.estimator, args.diffusion.mask_token_id, mc=cfg.algorithm.mc)
     a = cfg.algorithm
-    loss_cfg = LossConfig(a.eps_low, a.eps_high, a.dual_clip, a.kl_coef, a.kl_kind, a.tis_cap, a.spg_mix)
+    estimator = build(a.estimator, args.diffusion.mask_token_id, a.options)
+    loss_cfg = LossConfig(a.eps_low, a.eps_high, a.dual_clip, a.kl_coef, a.kl_kind, a.tis_cap)
     ref_runner = None
     if a.kl_coef:
         ref_chunks, _ = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype), cfg.model.mask_token_id,
@@ -206,10 +225,11 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         ref_runner = Runner(ref_chunks, args)
     metrics = Metrics(cfg.run_dir, cfg.logging, cfg.train.steps, start, env.is_main, to_dict(cfg), "rl",
                       ("reward_mean", "loss", "clip_fraction", "tokens_per_s"))
-    before = evaluate(engine, heldout, reward, cfg)
+    before = evaluate(engine, heldout, cfg)
     if env.is_main:
         print(f"rl: {args.architecture} at {layout.describe()} on {env.world_size} process(es); task {cfg.task.name} "
-              f"({where}), estimator {estimator.name}, rollouts on {type(engine).__name__}; "
+              f"({where}), estimator {estimator.describe(block_diffusion=True)}; likelihood {a.likelihood}; "
+              f"rollouts on {type(engine).__name__}; "
               f"held-out accuracy {before}; "
               f"starting at step {start}", flush=True)
     per_rank = cfg.rollout.prompts_per_step // dp
@@ -230,9 +250,10 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         times["rollout"] = time.perf_counter() - clock
         clock = time.perf_counter()
         log = (lambda message: print(message, file=sys.stderr, flush=True)) if env.is_main else None
-        scored = step_rewards(reward, completions, requests, cfg, log, env.device)
+        scored = step_rewards(completions, requests, cfg, log, env.device)
         rewards = scored[:, 0].clone()
-        advantages = group_advantages(rewards, [k // n for k in range(len(requests))], a.advantage, a.std_normalize)
+        advantages = group_advantages(rewards, [k // n for k in range(len(requests))], a.advantage, a.std_normalize,
+                                      std=a.std, group_of_one=a.group_of_one)
         times["reward"] = time.perf_counter() - clock
         samples = [Sample(c.prompt_ids, c.generated_ids, c.generated_reveal_steps, c.block_size,
                           c.generated_logprobs, float(adv)) for c, adv in zip(completions, advantages)]
@@ -241,13 +262,14 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
                                *scored[:, 1:].sum(0).tolist()], dtype=torch.float64, device=env.device)
         dist.all_reduce(totals, group=ps.get_data_parallel_group())
         clock = time.perf_counter()
-        generators = [torch.Generator().manual_seed(cfg.train.seed * 104_729 + step * 100_003 + first + k)
-                      for k in range(len(samples))]
+        def noise(epoch, step=step, first=first, count=len(samples)):  # per sample, per epoch: any layout alike
+            return [torch.Generator().manual_seed(cfg.train.seed * 104_729 + step * 100_003 + first + k
+                                                  + epoch * EPOCH_SEED_STRIDE) for k in range(count)]
+
         lr = optimizer.param_groups[0]["lr"]
-        stats = policy_update(runner, optimizer, estimator, samples, generators, loss_cfg, int(totals[0]),
-                              int(totals[1]), cfg.train.micro_batch_size, a.epochs, ref_runner,
-                              sp_multiple=layout.tp if layout.sp else 1,
-                              temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
+        stats = policy_update(runner, optimizer, estimator, samples, noise, loss_cfg,
+                              Totals(int(totals[0]), int(totals[1])), cfg.train.micro_batch_size, a.epochs, ref_runner,
+                              sp_multiple=layout.tp if layout.sp else 1, temperature=likelihood_temperature(cfg),
                               engine_routing=routing_probe, pack_tokens=cfg.train.pack_tokens or None)
         scheduler.step(1)
         times["logprob"] = stats["seconds_logprob"]
@@ -267,7 +289,7 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         record = {
             "step": step, "loss": local[0].item(), "lr": lr, "grad_norm": stats["grad_norm"],
             "reward_mean": mean, "reward_std": max(totals[3].item() / count - mean**2, 0.0) ** 0.5,
-            "accuracy": mean if reward not in CODE_REWARDS else None, "response_length": totals[4].item() / count,
+            "accuracy": mean if not set(rewards) & set(CODE_REWARDS) else None, "response_length": totals[4].item() / count,
             "tests_passed": totals[5].item() / totals[6].item() if totals[6].item() else None,
             "reward_timeouts": totals[7].item() / count,
             "clip_fraction": local[1].item() / max(local[2].item(), 1), "kl": local[3].item() / count,
@@ -279,7 +301,7 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
             **{f"time_{k}": v for k, v in times.items()},
         }
         if cfg.eval.every and step % cfg.eval.every == 0:
-            record.update({f"heldout_{k}": v for k, v in evaluate(engine, heldout, reward, cfg).items()})
+            record.update({f"heldout_{k}": v for k, v in evaluate(engine, heldout, cfg).items()})
             record.update({f"bench_{k}": v for k, v in score_benchmarks(engine, benchmarks, bench_sampling(cfg),
                                                                         cfg.reward).items()})
         metrics.log(record)
@@ -288,7 +310,7 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
                       {"config": to_dict(cfg)}, cfg.checkpoint.keep)
         if cfg.train.stop_after is not None and step >= cfg.train.stop_after:
             break
-    after = evaluate(engine, heldout, reward, cfg)
+    after = evaluate(engine, heldout, cfg)
     metrics.close()
     if env.is_main:
         print(f"held-out greedy accuracy {before['greedy']:.4f} -> {after['greedy']:.4f}", flush=True)

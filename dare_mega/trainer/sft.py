@@ -3,7 +3,8 @@
 Run under torchrun (one process is a world of one). The whole run:
 
   config (validated, before any process group) -> model args + layout checks -> process groups
-  -> model (HF weights into shards) + distributed optimizer + LR schedule -> data (tokenize, pack, deal)
+  -> data (read, tokenize, pack, deal; bad records named) -> model (HF weights into shards) + distributed optimizer
+  + LR schedule
   -> resume from the newest complete checkpoint -> for each step: noise the packed rows (the objective),
      forward/backward through Megatron's pipeline schedule, clip, step, log -> checkpoints every N steps.
 """
@@ -126,6 +127,9 @@ def run(cfg: SFTConfig) -> dict:
     args, layout = preflight(cfg, hf_dir, world)
     env = init_distributed()
     init_model_parallel(layout, seed=cfg.train.seed)
+    # the data is read, tokenized, packed and dealt (a bad record named) before any model or optimizer exists
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    loader, data_stats = build_data(cfg, args, hf_dir, dp, dp_rank)
     on_gpu = env.device.type == "cuda"
     dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[cfg.model.dtype]
@@ -134,8 +138,6 @@ def run(cfg: SFTConfig) -> dict:
     chunks = wrap_for_training(chunks, distributed_optimizer=True)
     optimizer, scheduler = build_optimizer(cfg, chunks, dtype)
     runner = Runner(chunks, args)
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    loader, data_stats = build_data(cfg, args, hf_dir, dp, dp_rank)
     obj = objective(cfg.loss.name, args.family, cfg.loss.eps, cfg.loss.t_min, cfg.loss.t_max)
 
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
