@@ -148,13 +148,13 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     from dare_mega.weight_sync.export import WeightExporter
     from dare_mega.weight_sync.sync import WeightSync
 
-    train, heldout, rewards = task_records(cfg)
+    train, heldout, reward_names = task_records(cfg)
 
     # a code reward's sandbox is checked (or refused, naming what is missing) before any model or process group
     def announce(message):
         print(message, file=sys.stderr, flush=True)
 
-    where = "; ".join(prepare(name, cfg.reward, log=announce) for name in rewards)
+    where = "; ".join(prepare(name, cfg.reward, log=announce) for name in reward_names)
     if cfg.eval.tasks:
         from dare_mega.eval.benchmarks import BENCHMARKS
 
@@ -289,7 +289,7 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         record = {
             "step": step, "loss": local[0].item(), "lr": lr, "grad_norm": stats["grad_norm"],
             "reward_mean": mean, "reward_std": max(totals[3].item() / count - mean**2, 0.0) ** 0.5,
-            "accuracy": mean if not set(rewards) & set(CODE_REWARDS) else None, "response_length": totals[4].item() / count,
+            "accuracy": mean if not set(reward_names) & set(CODE_REWARDS) else None, "response_length": totals[4].item() / count,
             "tests_passed": totals[5].item() / totals[6].item() if totals[6].item() else None,
             "reward_timeouts": totals[7].item() / count,
             "clip_fraction": local[1].item() / max(local[2].item(), 1), "kl": local[3].item() / count,
