@@ -118,6 +118,7 @@ class Prepared:
     q_old: list
     q_ref: list | None
     q_rollout: list | None
+    lp: torch.Tensor | None = None  # the old pass's log-probs: the current ones until the first update
 
 
 def prepare(runner, estimator, samples, generators: list[torch.Generator], cfg: LossConfig, micro_batch_size: int = 1,
@@ -131,7 +132,7 @@ def prepare(runner, estimator, samples, generators: list[torch.Generator], cfg: 
     shape = _max_over_ranks((laid.batch.size, laid.batch.seq_len // 2))
     if shape != (laid.batch.size, laid.batch.seq_len // 2):
         laid = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size, pack_tokens, shape)
-    routing = {}
+    routing, lp = {}, None
     if q_old is None and estimator.uses_old:
         if engine_routing is not None and runner.args.moe:
             with record_megatron_routing(runner.chunks) as record:
@@ -150,15 +151,19 @@ def prepare(runner, estimator, samples, generators: list[torch.Generator], cfg: 
     q_rollout = None
     if "rollout_logprobs" in estimator.needs:
         q_rollout = [torch.tensor(s.rollout_logprobs) if s.rollout_logprobs is not None else None for s in samples]
-    return Prepared(laid, plan, q_old, q_ref, q_rollout), routing
+    return Prepared(laid, plan, q_old, q_ref, q_rollout, lp), routing
 
 
 def policy_gradient(runner, estimator, samples, prepared: Prepared, cfg: LossConfig, totals: Totals,
-                    micro_batch_size: int = 1, temperature: float = 1.0) -> dict:
+                    micro_batch_size: int = 1, temperature: float = 1.0, unchanged: bool = False) -> dict:
     """Gradients of the estimator's loss into the model's main_grad (no optimizer step), exactly:
-    lp under the current weights (forward-only), c = d loss / d lp, then backward of sum(c * log p)."""
+    lp under the current weights (forward-only; `unchanged`: the weights are those of the old pass, whose lp
+    is reused), c = d loss / d lp, then backward of sum(c * log p)."""
     laid, plan = prepared.laid, prepared.plan
-    lp = noisy_log_probs(runner, laid, micro_batch_size, temperature)
+    if unchanged and prepared.lp is not None:
+        lp = prepared.lp
+    else:
+        lp = noisy_log_probs(runner, laid, micro_batch_size, temperature)
     leaf = lp.detach().clone().requires_grad_(True)
     q = estimator.quantities(leaf, plan)
     q_old = prepared.q_old if prepared.q_old is not None else [v.detach() for v in q]
@@ -199,7 +204,7 @@ def policy_update(runner, optimizer, estimator, samples, noise, cfg: LossConfig,
     for epoch in range(epochs):
         optimizer.zero_grad()
         stats = policy_gradient(runner, estimator, samples, prepared[epoch % draws], cfg, totals, micro_batch_size,
-                                temperature)
+                                temperature, unchanged=epoch == 0)
         ok, grad_norm, _ = optimizer.step()
         stats.update(grad_norm=float(grad_norm) if grad_norm is not None else None, skipped=not ok)
     return stats | routing | {"seconds_logprob": seconds_logprob}
