@@ -10,12 +10,31 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from typing import Any
 
 import yaml
 
 from dare_mega.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true / false. YAML 1.1 also reads on/off/yes/no as booleans, which would turn
+    choices such as `algorithm.routing_replay=off` or `logging.wandb: off` into False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def read_yaml(text_or_file):
+    """A YAML document (a string or an open file) with YAML 1.2 booleans."""
+    return yaml.load(text_or_file, Loader=_Loader)
 
 
 def choices(*options):
@@ -112,7 +131,7 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "command lin
         if "=" not in item:
             raise ConfigError(f"{source}: override {item!r} is not of the form section.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = read_yaml(raw) if raw != "" else ""
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -130,7 +149,7 @@ def load_config(cls, path: str | None = None, overrides: list[str] = ()):
     if path:
         try:
             with open(path) as f:
-                data = yaml.safe_load(f) or {}
+                data = read_yaml(f) or {}
         except FileNotFoundError as e:
             raise ConfigError(f"{path}: no such config file") from e
         except yaml.YAMLError as e:

@@ -73,9 +73,11 @@ def rl(nproc: int, run_dir, *overrides, timeout=900):
 
 @pytest.mark.distributed
 def test_one_step_agrees_across_layouts(example_run, tmp_path):
-    """One RL step (rollout, rewards, trajectory estimator, update) at TP=2 x EP=2 on 4 processes equals the
-    same step on one process: the loss, the gradient norm and every updated weight. Adam with eps=1 makes the
-    first update smooth in the gradient, so the weights compare the gradients, not only their signs."""
+    """One RL step (rollout, rewards, trajectory estimator, update) at TP=2 x EP=2 (sequence parallel) on 4
+    processes, with routing replay on, equals the same step on one process: the loss, the gradient norm and every
+    updated weight; the one-process step without replay agrees too (here the fp32 engine and Megatron choose the
+    same experts, so replaying them is the identity). Adam with eps=1 makes the first update smooth in the
+    gradient, so the weights compare the gradients, not only their signs."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from dare_mega.checkpoint.torch_dist import TorchDistReader
@@ -85,17 +87,24 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
     common = [f"model.init={init}", "train.steps=1", "rollout.prompts_per_step=4", "rollout.n=4",
               "task.heldout=4", "eval.samples=1", "optim.lr=0.5", "optim.eps=1.0", "checkpoint.every=1",
               "train.micro_batch_size=1", "train.pack_tokens=64"]
-    runs = {"tp1": (1, []), "tp2ep2": (4, ["parallel.tp=2", "parallel.ep=2"])}
+    replay = "algorithm.routing_replay=rollout"
+    runs = {"tp1": (1, [replay]), "tp2ep2": (4, ["parallel.tp=2", "parallel.ep=2", replay]), "tp1_free": (1, [])}
+    said = {}
     for name, (nproc, layout) in runs.items():
         proc = rl(nproc, tmp_path / name, *common, *layout)
         assert proc.returncode == 0, proc.stderr[-6000:]
-    one, four = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()][0] for n in runs)
+        said[name] = proc.stdout
+    one, four, free = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()][0]
+                       for n in runs)
     assert one["reward_std"] > 0 and one["grad_norm"] > 0  # the step learns something
-    assert one["reward_mean"] == four["reward_mean"] and one["response_length"] == four["response_length"]
-    assert abs(one["loss"] - four["loss"]) <= 1e-5 * max(1.0, abs(one["loss"]))
-    assert abs(one["grad_norm"] - four["grad_norm"]) <= 1e-5 * max(1.0, one["grad_norm"])
-    assert four["router_mismatch"] < 0.01
-    readers = [TorchDistReader(str(sorted((tmp_path / n / "checkpoints").glob("step_*"))[-1])) for n in runs]
+    assert free["router_mismatch"] == 0.0  # without replay the routers already agree, so all three must
+    for other in (four, free):
+        assert one["reward_mean"] == other["reward_mean"] and one["response_length"] == other["response_length"]
+        assert abs(one["loss"] - other["loss"]) <= 1e-5 * max(1.0, abs(one["loss"]))
+        assert abs(one["grad_norm"] - other["grad_norm"]) <= 1e-5 * max(1.0, one["grad_norm"])
+    assert one["router_mismatch"] == 0.0 and four["router_mismatch"] == 0.0  # replayed on every rank's slice
+    assert "routing replay rollout" in said["tp2ep2"] and "routing replay off" in said["tp1_free"]
+    readers = [TorchDistReader(str(sorted((tmp_path / n / "checkpoints").glob("step_*"))[-1])) for n in ("tp1", "tp2ep2")]
     start = TorchDistReader(str(init))
     keys = [k for k, v in readers[0].metadata.state_dict_metadata.items()
             if not k.startswith("optimizer") and isinstance(v, TensorStorageMetadata)]
@@ -129,6 +138,8 @@ def test_prompts_without_the_reward_field(tmp_path):
 def test_unknown_algorithm_and_reward(tmp_path):
     proc = run_cli(tmp_path, "algorithm.estimator=grpo")
     assert proc.returncode == 2 and "algorithm.estimator" in proc.stderr and "trajectory" in proc.stderr
+    proc = run_cli(tmp_path, "model.preset=tiny-sdar", "algorithm.routing_replay=rollout")  # a dense model
+    assert proc.returncode == 2 and "no MoE routers to replay" in proc.stderr, proc.stderr[-2000:]
     proc = run_cli(tmp_path, "task.reward=bleu")
     assert proc.returncode == 2 and "reward 'bleu'" in proc.stderr, proc.stderr[-2000:]
 

@@ -123,24 +123,33 @@ class Prepared:
 
 def prepare(runner, estimator, samples, generators: list[torch.Generator], cfg: LossConfig, micro_batch_size: int = 1,
             ref_runner=None, sp_multiple: int = 1, temperature: float = 1.0, q_old=None, engine_routing=None,
-            pack_tokens: int | None = None) -> tuple[Prepared, dict]:
+            pack_tokens: int | None = None, replay: bool = False, log_mismatch: bool = True) -> tuple[Prepared, dict]:
     """Rows from `generators`, laid out at one shape on every rank, and the forward-only passes: the old
     quantities (unless given, or the estimator compares with nothing), the reference's (with a KL), the
-    rollout's log-probs (when the estimator uses them). Returns (prepared, routing stats)."""
+    rollout's log-probs (when the estimator uses them). `engine_routing(batch)` (MoE): the rollout engine's
+    experts for the rows; with `replay` every forward of these rows routes as the engine did, and with
+    `log_mismatch` the old pass counts the (token, layer) pairs whose experts differ. Returns (prepared,
+    routing stats)."""
     rows, plan = estimator.rows(samples, generators)
     laid = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size, pack_tokens)
     shape = _max_over_ranks((laid.batch.size, laid.batch.seq_len // 2))
     if shape != (laid.batch.size, laid.batch.seq_len // 2):
         laid = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size, pack_tokens, shape)
-    routing, lp = {}, None
+    if replay and engine_routing is None:
+        raise ValueError("prepare(replay=True) needs engine_routing: the experts to replay")
+    routing, lp, engine = {}, None, None
+    if engine_routing is not None and runner.args.moe and (replay or log_mismatch):
+        engine = engine_routing(laid.batch)
+        if replay:
+            laid.batch.experts = engine
     if q_old is None and estimator.uses_old:
-        if engine_routing is not None and runner.args.moe:
+        if engine is not None and log_mismatch:
             with record_megatron_routing(runner.chunks) as record:
                 lp = noisy_log_probs(runner, laid, micro_batch_size, temperature)
             counted = torch.zeros(laid.batch.size, laid.batch.seq_len, dtype=torch.bool)  # noisy streams of rows
             counted[:, : laid.batch.seq_len // 2] = laid.pack(torch.ones(len(laid.places), laid.width)).bool()
-            differ, total = mismatch_counts(record, engine_routing(laid.batch), counted, micro_batch_size)
-            routing = {"router_differ": differ, "router_tokens": total}
+            differ, total = mismatch_counts(record, engine, counted, micro_batch_size)
+            routing.update(router_differ=differ, router_tokens=total)
         else:
             lp = noisy_log_probs(runner, laid, micro_batch_size, temperature)
         q_old = [q.detach() for q in estimator.quantities(lp, plan)]
@@ -174,7 +183,7 @@ def policy_gradient(runner, estimator, samples, prepared: Prepared, cfg: LossCon
     batch = laid.batch
     surrogate = Batch(batch.input_ids, batch.position_ids, batch.mask, batch.labels,
                       loss_weights=torch.cat([-laid.pack(coef), torch.zeros(batch.size, batch.seq_len // 2)], dim=1),
-                      loss_normalizer=torch.zeros(batch.size, dtype=torch.long))
+                      loss_normalizer=torch.zeros(batch.size, dtype=torch.long), experts=batch.experts)
     runner.loss_and_grads(surrogate, micro_batch_size, temperature)
     stats.update(loss=float(loss.detach()), rows=len(laid.places), packed_rows=batch.size,
                  padding=1.0 - sum(p[2] for p in laid.places) / (batch.size * batch.seq_len // 2))
@@ -183,12 +192,14 @@ def policy_gradient(runner, estimator, samples, prepared: Prepared, cfg: LossCon
 
 def policy_update(runner, optimizer, estimator, samples, noise, cfg: LossConfig, totals: Totals,
                   micro_batch_size: int = 1, epochs: int = 1, ref_runner=None, sp_multiple: int = 1,
-                  temperature: float = 1.0, engine_routing=None, pack_tokens: int | None = None) -> dict:
+                  temperature: float = 1.0, engine_routing=None, pack_tokens: int | None = None,
+                  replay: bool = False, log_mismatch: bool = True) -> dict:
     """Update the policy on this rank's samples: `epochs` optimizer steps over the same rollout. `noise(epoch)`
     gives the per-sample generators of an epoch: an estimator whose rows are noise draws a fresh mask set per
     epoch (DARE's inner iterations, ESPO's mu), and every epoch's old quantities are taken first, under the
     weights that sampled, so the ratio of a later epoch compares the updated policy with the one that
-    sampled on that epoch's own masks. Returns the loss (this rank's share) and statistics.
+    sampled on that epoch's own masks. With `replay`, every forward routes as the engine did
+    (`engine_routing`, per epoch's rows). Returns the loss (this rank's share) and statistics.
 
     `temperature` divides the logits of every likelihood (1.0: raw logits, DARE's block-diffusion actors)."""
     clock = time.perf_counter()
@@ -196,7 +207,8 @@ def policy_update(runner, optimizer, estimator, samples, noise, cfg: LossConfig,
     prepared, routing = [], {}
     for epoch in range(draws):
         p, r = prepare(runner, estimator, samples, noise(epoch), cfg, micro_batch_size, ref_runner, sp_multiple,
-                       temperature, engine_routing=engine_routing if epoch == 0 else None, pack_tokens=pack_tokens)
+                       temperature, engine_routing=engine_routing, pack_tokens=pack_tokens, replay=replay,
+                       log_mismatch=log_mismatch and epoch == 0)
         prepared.append(p)
         routing = routing or r
     seconds_logprob = time.perf_counter() - clock

@@ -5,6 +5,12 @@ RL on MoE models suffers when the rollout engine and the trainer pick different 
 trainer records Megatron's routing of the first log-prob forward of a step (the weights that sampled) with
 forward hooks on the routers, the engine routes the same rows with its own forward, and the logged
 `router_mismatch` is the fraction of (token, MoE layer) pairs whose top-k expert sets differ.
+
+Routing replay (R3, as slime and verl do for autoregressive MoE RL): with `algorithm.routing_replay=rollout`
+the trainer's forwards use, token by token, the experts the rollout engine chose for the same rows, through
+Megatron-Core's own RouterReplay (`moe_enable_routing_replay`): `replay_routing` hands each router of a model
+chunk its targets for one micro-batch (its pipeline stage's layers, its sequence-parallel slice) and clears
+them after the forward.
 """
 
 from __future__ import annotations
@@ -64,3 +70,40 @@ def mismatch_counts(megatron_record: dict[int, list[torch.Tensor]], engine_exper
             differ += int((different & keep).sum())
             total += int(keep.sum())
     return differ, total
+
+
+@contextmanager
+def replay_routing(chunk, experts: dict | None, sequence_parallel: bool):
+    """Within the block, every MoE router of `chunk` routes as `experts` says: {global layer: [mb, S, topk]}
+    for this micro-batch (the whole sequence; under sequence parallelism each rank takes its slice). Nothing
+    happens when `experts` is None. Refuses a model built without routing replay, or a layer with no targets."""
+    if experts is None:
+        yield
+        return
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    from dare_mega.errors import ConfigError
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    routers = [m for m in chunk.modules() if isinstance(m, TopKRouter)]
+    for router in routers:
+        layer = router.layer_number - 1
+        if router.router_replay is None:
+            raise ConfigError("routing replay needs the model built with RuntimeOptions(routing_replay=True)")
+        if layer not in experts:
+            raise ConfigError(f"routing replay: no expert choices for MoE layer {layer} (given: {sorted(experts)})")
+        chosen = experts[layer]
+        if sequence_parallel and tp > 1:
+            local = chosen.shape[1] // tp
+            chosen = chosen[:, rank * local : (rank + 1) * local]
+        # the router sees hidden states [s, b, h] flattened s-major: token (s, b) is row s * b_size + b
+        router.router_replay.set_target_indices(chosen.transpose(0, 1).reshape(-1, chosen.shape[-1]).long())
+        router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+    try:
+        yield
+    finally:
+        for router in routers:
+            router.router_replay.clear_router_replay_action()
+            router.router_replay.clear_indices()

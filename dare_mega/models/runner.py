@@ -20,6 +20,7 @@ import torch.distributed as dist
 from dare_mega.diffusion.masks import BlockDiffusionMask
 from dare_mega.errors import ConfigError
 from dare_mega.models.args import ModelArgs
+from dare_mega.models.routing import replay_routing
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Batch:
     loss_weights: torch.Tensor | None = None  # [B, S] float weight per position (0 = not in the loss)
     loss_normalizer: torch.Tensor | None = None  # [B] int: what each row adds to the loss denominator
     # (default: its number of weighted positions); the loss is sum(w * nll) / sum(normalizer), globally
+    experts: dict | None = None  # MoE routing replay: {global layer: [B, S, topk] expert ids}, on the CPU
 
     @property
     def size(self) -> int:
@@ -51,6 +53,8 @@ class Batch:
                 value = BlockDiffusionMask(value.q[start:stop], kv)
             elif isinstance(value, torch.Tensor):
                 value = value[start:stop]
+            elif isinstance(value, dict):
+                value = {k: v[start:stop] for k, v in value.items()}
             out[f.name] = value
         return Batch(**out)
 
@@ -58,7 +62,7 @@ class Batch:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = value.to(device) if value is not None else None
+            out[f.name] = value.to(device) if value is not None and not isinstance(value, dict) else value
         return Batch(**out)
 
     def micro_batches(self, micro_batch_size: int) -> list["Batch"]:
@@ -117,7 +121,8 @@ class Runner:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator).to(device)
-            output = model(mb.input_ids, mb.position_ids, mb.mask)
+            with replay_routing(model, mb.experts, self.config.sequence_parallel):
+                output = model(mb.input_ids, mb.position_ids, mb.mask)
             return output, partial(loss_func, mb)
 
         iterators = [iter(micro) for _ in self.chunks]

@@ -28,6 +28,7 @@ class RuntimeOptions:
     moe_aux_loss_coef: float | None = None
     expert_bias_update_rate: float = 0.0  # routers with an expert bias: 0 keeps it fixed (RL default)
     init_weights: bool = True  # False: skip random init (weights are loaded next, or the model is on meta)
+    routing_replay: bool = False  # MoE routers can take given expert choices (Batch.experts; models/routing.py)
 
 
 def check_layout(args: ModelArgs, layout: ParallelLayout, source: str = "config.json") -> None:
@@ -94,6 +95,10 @@ def transformer_config(args: ModelArgs, layout: ParallelLayout, options: Runtime
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     check_layout(args, layout)
+    if options.routing_replay and options.recompute_granularity:
+        # a recomputed forward would route afresh: Megatron's REPLAY_BACKWARD is not wired here
+        raise ConfigError(f"routing replay with recompute_granularity={options.recompute_granularity!r} is not "
+                          "supported: turn one of them off")
     on_gpu = torch.cuda.is_available()
     te = uses_transformer_engine(options)
     bf16 = options.params_dtype == torch.bfloat16
@@ -167,6 +172,7 @@ def transformer_config(args: ModelArgs, layout: ParallelLayout, options: Runtime
             moe_grouped_gemm=grouped,
             moe_permute_fusion=False,
             moe_router_fusion=False,
+            moe_enable_routing_replay=options.routing_replay,
         )
     config = TransformerConfig(**kwargs)
     # dare_mega's own settings travel with the config to the modules its layer spec builds.

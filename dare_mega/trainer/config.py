@@ -192,6 +192,8 @@ class AlgorithmSection:
     freeze_expert_bias: bool = True  # keep the MoE router's selection bias fixed during RL (LLaDA2)
     expert_bias_update_rate: float = 1.0e-3  # used when freeze_expert_bias is false (aux-loss-free balancing)
     log_router_mismatch: bool = True  # MoE: fraction of (token, layer) whose experts differ, rollout vs train
+    # MoE: the trainer's forwards route each token to the experts the rollout engine chose for it (R3); off: DARE
+    routing_replay: str = field(default="off", metadata=choices("off", "rollout"))
 
 
 @dataclass
@@ -257,6 +259,10 @@ class RLConfig:
         for key in ("mc",):
             if getattr(options, key, 1) < 1:
                 raise ConfigError(f"{source}: algorithm.options.{key}={getattr(options, key)} must be >= 1")
+        if self.algorithm.routing_replay == "rollout" and self.rollout.backend == "sglang":
+            raise ConfigError(f"{source}: algorithm.routing_replay=rollout needs the rollout engine's expert choices "
+                              "for the trainer's rows; SGLang's diffusion servers do not return them (use "
+                              "rollout.backend=native or the Ray launcher's engines, or routing_replay=off)")
         if self.algorithm.kl_coef and not ESTIMATORS[self.algorithm.estimator].supports_kl:
             raise ConfigError(f"{source}: algorithm.kl_coef={self.algorithm.kl_coef}: the "
                               f"{self.algorithm.estimator} estimator has no KL term")

@@ -162,6 +162,10 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
             prepare(name, cfg.reward, log=announce)
     hf_dir = ensure_model_dir(cfg)
     args, layout = preflight(cfg, hf_dir, int(os.environ.get("WORLD_SIZE", "1")), check_budget=False)
+    replay = cfg.algorithm.routing_replay == "rollout"
+    if replay and not args.moe:
+        raise ConfigError(f"algorithm.routing_replay=rollout: {args.architecture} ({hf_dir}) has no MoE routers to "
+                          "replay; use routing_replay=off")
     benchmarks = {}
     if cfg.eval.tasks:  # benchmark files are read (and a missing one named) before any process group exists
         from dare_mega.eval.benchmarks import load
@@ -185,7 +189,8 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and env.device.type == "cuda") \
         else torch.float32
     bias_rate = 0.0 if cfg.algorithm.freeze_expert_bias else cfg.algorithm.expert_bias_update_rate
-    chunks, args = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype, expert_bias_update_rate=bias_rate),
+    chunks, args = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype, expert_bias_update_rate=bias_rate,
+                                                                routing_replay=replay),
                                  cfg.model.mask_token_id, cfg.model.block_size)
     if cfg.model.init:
         load_into(chunks, cfg.model.init)
@@ -218,8 +223,8 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     loss_cfg = LossConfig(a.eps_low, a.eps_high, a.dual_clip, a.kl_coef, a.kl_kind, a.tis_cap)
     ref_runner = None
     if a.kl_coef:
-        ref_chunks, _ = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype), cfg.model.mask_token_id,
-                                      cfg.model.block_size)
+        ref_chunks, _ = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype, routing_replay=replay),
+                                      cfg.model.mask_token_id, cfg.model.block_size)
         if cfg.model.init:
             load_into(ref_chunks, cfg.model.init)
         ref_runner = Runner(ref_chunks, args)
@@ -229,12 +234,16 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     if env.is_main:
         print(f"rl: {args.architecture} at {layout.describe()} on {env.world_size} process(es); task {cfg.task.name} "
               f"({where}), estimator {estimator.describe(block_diffusion=True)}; likelihood {a.likelihood}; "
+              f"routing replay {a.routing_replay if args.moe else 'n/a (dense)'}; "
               f"rollouts on {type(engine).__name__}; "
               f"held-out accuracy {before}; "
               f"starting at step {start}", flush=True)
     per_rank = cfg.rollout.prompts_per_step // dp
-    routing_probe = None
-    if a.log_router_mismatch and args.moe and hasattr(engine, "routed_experts"):
+    routing_probe = None  # the engine's experts for the trainer's rows: to compare with Megatron's, or replay
+    if replay and not hasattr(engine, "routed_experts"):
+        raise ConfigError(f"algorithm.routing_replay=rollout: the rollout engine ({type(engine).__name__}) cannot "
+                          "report its expert choices; use routing_replay=off")
+    if (a.log_router_mismatch or replay) and args.moe and hasattr(engine, "routed_experts"):
         def routing_probe(batch):
             return engine.routed_experts(batch.input_ids, batch.position_ids, batch.mask.dense())
     n = cfg.rollout.n
@@ -270,7 +279,8 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         stats = policy_update(runner, optimizer, estimator, samples, noise, loss_cfg,
                               Totals(int(totals[0]), int(totals[1])), cfg.train.micro_batch_size, a.epochs, ref_runner,
                               sp_multiple=layout.tp if layout.sp else 1, temperature=likelihood_temperature(cfg),
-                              engine_routing=routing_probe, pack_tokens=cfg.train.pack_tokens or None)
+                              engine_routing=routing_probe, pack_tokens=cfg.train.pack_tokens or None,
+                              replay=replay, log_mismatch=a.log_router_mismatch)
         scheduler.step(1)
         times["logprob"] = stats["seconds_logprob"]
         times["update"] = time.perf_counter() - clock - times["logprob"]
