@@ -4,6 +4,7 @@ cannot touch the next; scoring is concurrent; the verdict and the isolation chec
 
 from __future__ import annotations
 
+import glob
 import os
 import secrets
 import socket
@@ -175,6 +176,9 @@ def hostile(tmp_path_factory):
     listener = Listener(str(outside))
     programs = hostile_programs(str(outside), listener)
     watched = ["/tmp", "/dev/shm", str(REPO), os.path.expanduser("~"), os.path.dirname(os.__file__)]
+    # one benign sample first: nsjail makes its own mount-point directories (/tmp/nsjail.<uid>.root, ...) on
+    # its first run on a machine; they are the jail's, made before any sample runs, and stay empty
+    assert score("code", fenced(ADD), {"tests": TESTS}) == 1.0
     before = {d: set(os.listdir(d)) for d in watched}
     nobody_before = sum(1 for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == 65534)
     os.environ["DARE_TEST_SECRET"] = SECRET
@@ -209,6 +213,7 @@ def test_hostile_programs_leave_nothing_behind(hostile):
     assert hostile["nobody"][1] <= hostile["nobody"][0]
     assert hostile["outside"] == ["trainer.sock"]  # nothing but the listener's own socket
     assert all(not new for new in hostile["written"].values()), hostile["written"]
+    assert all(not os.listdir(d) for d in glob.glob(f"/tmp/nsjail.{os.getuid()}.*"))  # the jail's own: still empty
     assert hostile["connected"] == []  # no TCP, path or abstract Unix connection arrived
     assert score("code", fenced(ADD), {"tests": TESTS}) == 1.0  # and the caller goes on
     # scored in a pool: the time is that of the slowest few, not the sum of every time limit
