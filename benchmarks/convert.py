@@ -53,7 +53,7 @@ def read_throughput(directory: str) -> dict:
     raw = time.perf_counter() - start
     out = {"bytes": total, "raw_seconds": raw, "raw_gb_per_s": total / 1e9 / raw}
     if any(f.endswith(".safetensors") for f in files):
-        from dare_mega.checkpoint.safetensors_io import CheckpointReader
+        from dare_mega.storage.safetensors_io import CheckpointReader
 
         reader = CheckpointReader(directory)
         start = time.perf_counter()
@@ -118,8 +118,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from dare_mega.checkpoint.safetensors_io import CheckpointReader
     from dare_mega.checkpoint.tiny import make_tiny_checkpoint
+    from dare_mega.storage.safetensors_io import CheckpointReader
 
     shutil.rmtree(args.workdir, ignore_errors=True)
     os.makedirs(args.workdir)

@@ -90,9 +90,9 @@ def main() -> int:
     import requests
     import torch
 
-    from dare_mega.checkpoint.hf_loader import megatron_tensors, unwrap
     from dare_mega.checkpoint.tiny import make_tiny_checkpoint
     from dare_mega.models.builder import build_from_hf, mapping_for
+    from dare_mega.models.hf_loader import megatron_tensors, unwrap
     from dare_mega.parallel import ParallelLayout, destroy_distributed, init_distributed, init_model_parallel
     from dare_mega.rollout.sglang_client import SGLangClient
     from dare_mega.weight_sync.export import WeightExporter

@@ -4,7 +4,7 @@
     python benchmarks/cuda_parity.py [--tolerance 1e-5] [--out FILE]
 
 The CPU tests (tests/test_parity.py) hide the GPUs from their workers; this runs the same comparison
-(dare_mega/models/parity.py: logits, vocab-parallel log-probs, the loss and every gradient) with the GPU
+(dare_mega/cli/parity.py: logits, vocab-parallel log-probs, the loss and every gradient) with the GPU
 visible, so the Megatron model runs on CUDA with the GPU attention kernel ("auto": compiled FlexAttention with
 the block-sparse BlockMask) and the reference runs in float32 on the CPU. Cases: the three tiny families with
 the SDAR two-stream training mask and gradients, the MoE with the inference mask in micro-batches of 2, and
@@ -39,8 +39,8 @@ def cases(dirs: dict) -> list[dict]:
 def worker(spec_path: str, out_path: str) -> None:
     import torch
 
+    from dare_mega.cli.parity import run_parity
     from dare_mega.diffusion.attention import resolve_backend
-    from dare_mega.models.parity import run_parity
     from dare_mega.models.transformer_config import RuntimeOptions
     from dare_mega.parallel import ParallelLayout, destroy_distributed, init_distributed
 

@@ -44,13 +44,13 @@ def patterns(count: int, length: int, generator: torch.Generator) -> torch.Tenso
 
 def train(hf_dir: str, out_dir: str, steps: int, seq_len: int = 64, batch: int = 16, lr: float = 3e-3) -> dict:
     """A short block-diffusion training run on Megatron (TP=1); writes the trained HF checkpoint."""
-    from dare_mega.checkpoint.hf_loader import megatron_tensors
-    from dare_mega.checkpoint.safetensors_io import CheckpointReader, write_hf_checkpoint
     from dare_mega.diffusion.masks import packed_position_ids, two_stream_inputs, two_stream_mask
     from dare_mega.models.builder import build_from_hf, mapping_for
+    from dare_mega.models.hf_loader import megatron_tensors
     from dare_mega.models.runner import Batch, Runner, wrap_for_training
     from dare_mega.models.weight_mapping import LayoutContext
     from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
+    from dare_mega.storage.safetensors_io import CheckpointReader, write_hf_checkpoint
 
     init_distributed()
     init_model_parallel(ParallelLayout())

@@ -1,9 +1,10 @@
-"""The main job on the embedded default: `python -m dare_mega`.
+"""`python -m dare_mega`: the foundation's parity check on the embedded default.
 
-Until the RL loop lands, the main job is the foundation's proof: it writes a tiny SDAR-MoE checkpoint in the
-published layout, launches torchrun at TP=2 x EP=2 (4 processes: on the GPUs when there are 4, else on the
-CPU with gloo), loads the checkpoint into Megatron-Core, and prints how far its logits, loss and gradients
-are from transformers' reference model.
+It writes a tiny SDAR-MoE checkpoint in the published layout, launches torchrun at TP=2 x EP=2 (4 processes:
+on the GPUs when there are 4, else on the CPU with gloo), loads the checkpoint into Megatron-Core, and prints
+how far its logits, loss and gradients are from transformers' reference model. The main job of README.md (SFT
+then RL on the tiny SDAR-MoE) is `bash examples/rl_sdar_moe.sh`; the trainers are `python -m
+dare_mega.trainer.sft` and `python -m dare_mega.trainer.rl`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import sys
 import tempfile
 import time
 
-from dare_mega.errors import DareMegaError
 from dare_mega.paths import REPO_ROOT
 
 
@@ -24,30 +24,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _cache_dir() -> str:
-    return os.environ.get("DARE_MEGA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dare_mega"))
-
-
-def tiny_checkpoint(preset: str, seed: int = 0) -> str:
-    """The tiny checkpoint of `preset`, made once and reused (written atomically)."""
-    import hashlib
-
-    from dare_mega.checkpoint.tiny import make_tiny_checkpoint
-    from dare_mega.models.presets import preset_file
-
-    # keyed by the preset's content, so that an edited preset never reuses a stale checkpoint
-    digest = hashlib.sha256(preset_file(preset).read_bytes()).hexdigest()[:10]
-    path = os.path.join(_cache_dir(), "checkpoints", f"{preset}-seed{seed}-{digest}")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            make_tiny_checkpoint(path, preset=preset, seed=seed)
-        except (OSError, DareMegaError):  # another process (a torchrun rank) made it first
-            if not os.path.exists(os.path.join(path, "config.json")):
-                raise
-    return path
 
 
 def parity(argv) -> int:
@@ -65,7 +41,9 @@ def parity(argv) -> int:
 
     import torch
 
-    hf_dir = args.hf or tiny_checkpoint(args.preset)
+    from dare_mega.checkpoint.tiny import cached_tiny_checkpoint
+
+    hf_dir = args.hf or cached_tiny_checkpoint(args.preset)
     # torchrun sets these for its children; stale values from a calling process must not leak in
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
                                                             "LOCAL_RANK")}

@@ -42,10 +42,6 @@ def choices(*options):
     return {"choices": options}
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
 def _coerce(value, tp, key: str, source: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)

@@ -210,7 +210,7 @@ def test_truncated_shard_is_refused(tiny_dir, tmp_path, no_model_built):
 
 
 def test_missing_directory_and_files(tmp_path):
-    from dare_mega.checkpoint.safetensors_io import CheckpointReader
+    from dare_mega.storage.safetensors_io import CheckpointReader
 
     with pytest.raises(CheckpointError, match="does not exist"):
         CheckpointReader(str(tmp_path / "nope"))
@@ -221,7 +221,7 @@ def test_missing_directory_and_files(tmp_path):
 
 
 def test_checkpoint_writer_never_overwrites(tmp_path):
-    from dare_mega.checkpoint.safetensors_io import write_hf_checkpoint
+    from dare_mega.storage.safetensors_io import write_hf_checkpoint
 
     target = tmp_path / "out"
     write_hf_checkpoint(str(target), {"a": torch.zeros(2)}, config={"x": 1})

@@ -59,7 +59,7 @@ def test_step_map_is_consistent(engines):
 @pytest.mark.parametrize("family", ["sdar_moe", "llada2_moe"])
 def test_replaying_the_trajectory_gives_the_rollout_log_probs(engines, tiny_dir, family, world1):
     """Train/rollout agreement: the two-stream training forward recomputes every rollout log-prob."""
-    from dare_mega.diffusion.trajectory import replay_log_probs
+    from dare_mega.algorithms.rl import replay_log_probs
     from dare_mega.models.builder import build_from_hf
     from dare_mega.models.runner import Runner
     from dare_mega.parallel import ParallelLayout
@@ -138,8 +138,8 @@ def test_bad_input(engines):
 
 
 def test_load_weights_updates_and_stamps_the_version(tiny_dir, tmp_path):
-    from dare_mega.checkpoint.safetensors_io import CheckpointReader
     from dare_mega.checkpoint.tiny import make_tiny_checkpoint
+    from dare_mega.storage.safetensors_io import CheckpointReader
 
     engine = NativeEngine.from_pretrained(tiny_dir["sdar_moe"], tokenizer=False)
     params = SamplingParams(max_new_tokens=8, temperature=0.0)

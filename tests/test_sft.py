@@ -302,7 +302,7 @@ def test_crash_and_exact_resume(tmp_path):
 
     # a training checkpoint exports to HF like a converted one
     from dare_mega.checkpoint.export import export_to_hf
-    from dare_mega.checkpoint.safetensors_io import CheckpointReader
+    from dare_mega.storage.safetensors_io import CheckpointReader
 
     export_to_hf(str(checkpoints / "step_00000010"), str(tmp_path / "hf"))
     reader = CheckpointReader(str(tmp_path / "hf"))

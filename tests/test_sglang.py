@@ -100,9 +100,9 @@ def test_rl_loop_on_sglang_servers(tmp_path):
 
     from conftest import torchrun
 
-    from dare_mega.__main__ import tiny_checkpoint
+    from dare_mega.checkpoint.tiny import cached_tiny_checkpoint
 
-    hf = tiny_checkpoint("tiny-sdar-moe")
+    hf = cached_tiny_checkpoint("tiny-sdar-moe")
     server = FakeSGLang(hf=hf).start()
     try:
         common = ["--config", "configs/recipes/rl_tiny_sdar_moe.yaml", "rollout.backend=sglang",

@@ -51,8 +51,8 @@ def test_make_tiny_llada2_in_bfloat16(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     from transformers import AutoTokenizer
 
-    from dare_mega.checkpoint.safetensors_io import CheckpointReader
     from dare_mega.models.builder import load_model_args
+    from dare_mega.storage.safetensors_io import CheckpointReader
 
     reader = CheckpointReader(str(out))
     assert reader.dtype("model.layers.1.mlp.gate.expert_bias") == torch.float32  # as published

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dare_mega.algorithms.estimators import Rows, Totals
+from dare_mega.algorithms.estimators import Rows, Sample, Totals, build
 from dare_mega.algorithms.policy import LossConfig
 from dare_mega.diffusion.masks import packed_position_ids, two_stream_inputs, two_stream_mask
 from dare_mega.models.routing import mismatch_counts, record_megatron_routing
@@ -220,3 +220,28 @@ def policy_update(runner, optimizer, estimator, samples, noise, cfg: LossConfig,
         ok, grad_norm, _ = optimizer.step()
         stats.update(grad_norm=float(grad_norm) if grad_norm is not None else None, skipped=not ok)
     return stats | routing | {"seconds_logprob": seconds_logprob}
+
+
+def replay_log_probs(runner, completion, mask_token_id: int, micro_batch_size: int | None = None,
+                     pack_tokens: int | None = None) -> list[float]:
+    """The training-side log-prob of each generated token of a Completion, via a Runner (any layout).
+
+    A rollout decodes block by block; the token at position p was revealed at denoising step s of its block,
+    conditioned on the clean earlier blocks and on the tokens of its block revealed before s. The trajectory
+    estimator's rows (one per step index, TraceRL / DARE) show each noisy block as it was at step s next to
+    the clean earlier blocks, so one forward gives every token's log-prob; the check that this gives the
+    rollout's log-probs back covers the code the trainer runs."""
+    sample = Sample(completion.prompt_ids, completion.generated_ids, completion.generated_reveal_steps,
+                    completion.block_size)
+    estimator = build("trajectory", mask_token_id)
+    rows, plan = estimator.rows([sample], [torch.Generator()])
+    # sequence parallelism splits each stream's tokens over the tensor-parallel ranks
+    laid = rows_to_batch(rows, completion.block_size, multiple=_tensor_parallel_size(), pack_tokens=pack_tokens)
+    log_probs = noisy_log_probs(runner, laid, micro_batch_size or laid.batch.size)
+    return estimator.quantities(log_probs, plan)[0].tolist()
+
+
+def _tensor_parallel_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1

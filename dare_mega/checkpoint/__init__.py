@@ -1,1 +1,1 @@
-"""Checkpoints: streaming safetensors I/O, HF weights into Megatron shards (and, later, torch_dist)."""
+"""Checkpoints of models: Megatron torch_dist (save, load at any layout), export to HF, tiny checkpoints."""

@@ -14,12 +14,6 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from dare_mega.checkpoint.safetensors_io import (
-    StreamingSafetensorsWriter,
-    plan_shards,
-    shard_file_names,
-    write_index,
-)
 from dare_mega.checkpoint.torch_dist import (
     ASSETS_DIR,
     DTYPES,
@@ -30,6 +24,12 @@ from dare_mega.checkpoint.torch_dist import (
     tmp_sibling,
 )
 from dare_mega.errors import CheckpointError
+from dare_mega.storage.safetensors_io import (
+    StreamingSafetensorsWriter,
+    plan_shards,
+    shard_file_names,
+    write_index,
+)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 

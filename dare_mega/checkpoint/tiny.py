@@ -14,10 +14,11 @@ import tempfile
 
 import torch
 
-from dare_mega.checkpoint.safetensors_io import LazyTensors, write_hf_checkpoint
+from dare_mega.errors import DareMegaError
 from dare_mega.models.builder import args_from_config, mapping_for
 from dare_mega.models.family import family_for
 from dare_mega.models.presets import load_preset
+from dare_mega.storage.safetensors_io import LazyTensors, write_hf_checkpoint
 
 # The tiny tokenizers: the 256 byte tokens, then each family's special tokens (ids as in the tiny presets),
 # its chat format, and what its published generation_config.json says.
@@ -38,7 +39,6 @@ TOKENIZERS = {
     "llada2": dict(specials=["<|endoftext|>", "<|startoftext|>", "<|role_end|>", "<|mask|>"],
                    eos="<|endoftext|>", pad="<|endoftext|>", mask="<|mask|>", chat=LLADA2_CHAT, generation_eos=None),
 }
-TINY_SPECIALS = TOKENIZERS["sdar"]["specials"]
 
 
 def _init_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -110,3 +110,27 @@ def make_tiny_checkpoint(out_dir: str, preset: str | dict = "tiny-sdar", seed: i
     extra["generation_config.json"] = json.dumps(generation, indent=2).encode()
     write_hf_checkpoint(out_dir, tensors, config=cfg, max_shard_bytes=max_shard_bytes, extra_files=extra)
     return out_dir
+
+
+def cache_dir() -> str:
+    """Where made files are kept between runs ($DARE_MEGA_CACHE, default ~/.cache/dare_mega)."""
+    return os.environ.get("DARE_MEGA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dare_mega"))
+
+
+def cached_tiny_checkpoint(preset: str, seed: int = 0) -> str:
+    """The tiny checkpoint of `preset`, made once and reused (written atomically)."""
+    import hashlib
+
+    from dare_mega.models.presets import preset_file
+
+    # keyed by the preset's content, so that an edited preset never reuses a stale checkpoint
+    digest = hashlib.sha256(preset_file(preset).read_bytes()).hexdigest()[:10]
+    path = os.path.join(cache_dir(), "checkpoints", f"{preset}-seed{seed}-{digest}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            make_tiny_checkpoint(path, preset=preset, seed=seed)
+        except (OSError, DareMegaError):  # another process (a torchrun rank) made it first
+            if not os.path.exists(os.path.join(path, "config.json")):
+                raise
+    return path

@@ -143,7 +143,7 @@ def model_sharded_state_dict(chunks) -> dict:
     Always one key per layer (`non_homogeneous_layers`): otherwise Megatron stacks the layers of a dense
     model on a leading axis and keys differ between families and between dense and MoE layers.
     """
-    from dare_mega.checkpoint.hf_loader import unwrap
+    from dare_mega.models.hf_loader import unwrap
 
     metadata = {"non_homogeneous_layers": True}
     if len(chunks) == 1:
@@ -175,8 +175,8 @@ def save_from_hf(hf_dir: str, out_dir: str, layout, progress=None) -> dict:
     """
     from megatron.core import dist_checkpointing
 
-    from dare_mega.checkpoint.hf_loader import check_hf_checkpoint
     from dare_mega.models.builder import build_model, load_model_args, mapping_for
+    from dare_mega.models.hf_loader import check_hf_checkpoint
     from dare_mega.models.transformer_config import RuntimeOptions, check_layout, padded_vocab_size
     from dare_mega.models.weight_mapping import LayoutContext
 
@@ -275,7 +275,7 @@ def load_into(chunks, mcore_dir: str) -> None:
     """Load a torch_dist checkpoint into this rank's chunks (any layout; every rank calls it)."""
     from megatron.core import dist_checkpointing
 
-    from dare_mega.checkpoint.hf_loader import unwrap
+    from dare_mega.models.hf_loader import unwrap
 
     meta = read_meta(mcore_dir)
     padded = unwrap(chunks[0]).vocab_size

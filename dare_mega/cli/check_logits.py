@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from dare_mega.models.parity import dense_mask, run_parity
+    from dare_mega.cli.parity import dense_mask, run_parity
     from dare_mega.models.transformer_config import RuntimeOptions
     from dare_mega.parallel import ParallelLayout, destroy_distributed, init_distributed
 

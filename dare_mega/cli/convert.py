@@ -132,7 +132,7 @@ def _tensor_bytes(entry: dict) -> int:
 
 
 def _verify(args, layout, env) -> int:
-    from dare_mega.models.parity import run_parity
+    from dare_mega.cli.parity import run_parity
 
     result, _, _ = run_parity(args.hf, layout, "block", grads=False, mcore_dir=args.mcore)
     ok = result.max_abs_logit_diff <= args.tolerance

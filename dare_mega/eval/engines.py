@@ -32,13 +32,13 @@ def engine_for(path: str, backend: str = "native", urls=(), device: str | None =
         elif backend == "sglang":
             if not urls:
                 raise ConfigError("backend='sglang' needs the servers' URLs (urls=[...], --sglang-url)")
+            from dare_mega.data.tokenizer import load_tokenizer
             from dare_mega.models.builder import load_model_args
-            from dare_mega.rollout.engine import _load_tokenizer
             from dare_mega.rollout.sglang_engine import SGLangEngine, SGLangServerConfig
 
             args = load_model_args(path)
             _ENGINES[key] = SGLangEngine.connect(list(urls), SGLangServerConfig(model_path=path), batch_size,
-                                                 tokenizer=_load_tokenizer(path),
+                                                 tokenizer=load_tokenizer(path),
                                                  block_size=args.diffusion.block_size)
         else:
             raise ConfigError(f"backend={backend!r}; expected 'native' or 'sglang'")

@@ -57,10 +57,6 @@ class ModelArgs:
     diffusion: DiffusionArgs | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
-    @property
-    def is_moe(self) -> bool:
-        return self.moe is not None
-
     def layer_is_moe(self, layer: int) -> bool:
         return bool(self.moe and self.moe.layer_pattern[layer])
 

@@ -2,14 +2,13 @@
 
     args = load_model_args(hf_dir)                 # config.json -> ModelArgs (checked)
     chunks = build_model(args, layout, options)    # this rank's model chunks (several with VPP)
-    load_hf_weights(chunks, args, hf_dir)          # dare_mega/checkpoint/hf_loader.py
+    load_hf_weights(chunks, args, hf_dir, mapping_for(args))  # dare_mega/models/hf_loader.py
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 
 import torch
 
@@ -17,6 +16,7 @@ from dare_mega.errors import ConfigError
 from dare_mega.models.args import ModelArgs
 from dare_mega.models.family import family_for
 from dare_mega.models.gpt import DiffusionGPTModel
+from dare_mega.models.hf_loader import check_hf_checkpoint, load_hf_weights
 from dare_mega.models.spec import decoder_block_spec
 from dare_mega.models.transformer_config import (
     RuntimeOptions,
@@ -106,10 +106,6 @@ def build_model(args: ModelArgs, layout: ParallelLayout, options: RuntimeOptions
     return chunks
 
 
-def with_overrides(args: ModelArgs, **changes) -> ModelArgs:
-    return replace(args, **changes)
-
-
 def build_from_hf(hf_dir: str, layout: ParallelLayout, options: RuntimeOptions = RuntimeOptions(),
                   mask_token_id: int | None = None, block_size: int | None = None):
     """Check config, layout and checkpoint (headers only), then build this rank's chunks and load them.
@@ -118,8 +114,6 @@ def build_from_hf(hf_dir: str, layout: ParallelLayout, options: RuntimeOptions =
     malformed config names the key and file, a layout that does not divide the model names the sizes, and a
     missing or mis-shaped tensor names the tensor, the file and both shapes. Returns (chunks, args).
     """
-    from dare_mega.checkpoint.hf_loader import check_hf_checkpoint, load_hf_weights
-
     args = load_model_args(hf_dir, mask_token_id=mask_token_id, block_size=block_size)
     check_layout(args, layout, source=os.path.join(hf_dir, "config.json"))
     table = mapping_for(args)

@@ -104,11 +104,6 @@ class Replicated(Row):
 
 
 @dataclass(frozen=True)
-class ColumnParallel(Row):
-    tp_dim: int | None = 0
-
-
-@dataclass(frozen=True)
 class RowParallel(Row):
     tp_dim: int | None = 1
 

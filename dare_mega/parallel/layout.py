@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from dare_mega.errors import ConfigError
 
@@ -51,10 +51,6 @@ class ParallelLayout:
     def num_chunks(self) -> int:
         return self.vpp or 1
 
-    def data_parallel_size(self, world_size: int) -> int:
-        self.check_world(world_size)
-        return world_size // (self.tp * self.pp)
-
     def check_world(self, world_size: int) -> None:
         """Raise a ConfigError naming the sizes when this layout cannot tile `world_size` processes."""
         dense = self.tp * self.pp
@@ -79,9 +75,6 @@ class ParallelLayout:
         if self.sp:
             parts.append("SP")
         return " x ".join(parts[:3]) + ("" if len(parts) == 3 else " (" + ", ".join(parts[3:]) + ")")
-
-    def with_(self, **changes) -> "ParallelLayout":
-        return replace(self, **changes)
 
 
 def init_model_parallel(layout: ParallelLayout, seed: int = 1234) -> None:

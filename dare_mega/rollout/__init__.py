@@ -22,10 +22,4 @@ class RolloutEngine(Protocol):
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int: ...
 
 
-def native_engine(path: str, **kwargs):
-    from dare_mega.rollout.engine import NativeEngine
-
-    return NativeEngine.from_pretrained(path, **kwargs)
-
-
-__all__ = ["POLICIES", "Completion", "RolloutEngine", "SamplingParams", "native_engine"]
+__all__ = ["POLICIES", "Completion", "RolloutEngine", "SamplingParams"]

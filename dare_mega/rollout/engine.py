@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dare_mega.data.tokenizer import load_tokenizer
 from dare_mega.errors import ConfigError
 from dare_mega.rollout.model import InferenceModel, KVCache
 from dare_mega.rollout.policies import choose_reveals, sample_block
@@ -67,8 +68,8 @@ class NativeEngine:
         """From an HF checkpoint directory, or a dare_mega torch_dist checkpoint directory."""
         import os
 
-        from dare_mega.checkpoint.hf_loader import check_hf_checkpoint
         from dare_mega.models.builder import load_model_args, mapping_for
+        from dare_mega.models.hf_loader import check_hf_checkpoint
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if os.path.exists(os.path.join(path, "dare_mega.json")):
@@ -91,7 +92,7 @@ class NativeEngine:
             model = InferenceModel(args, dtype, device)
             model.load_from_reader(table, check_hf_checkpoint(args, path, table))
             assets = path
-        return cls(model, table, _load_tokenizer(assets) if tokenizer else None, device)
+        return cls(model, table, load_tokenizer(assets) if tokenizer else None, device)
 
     def load_weights(self, named_tensors, version: int | None = None) -> int:
         """Update weights from (HF name, tensor) pairs, e.g. a bucket of the trainer's weight sync. Tensors
@@ -319,24 +320,3 @@ class NativeEngine:
             forwards=r.forwards,
             weight_version=self.weight_version,
         )
-
-
-def _load_tokenizer(directory: str):
-    import os
-
-    if not any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    import warnings
-
-    from transformers import AutoTokenizer
-    from transformers.utils import logging
-
-    # the checkpoint's config names a model type transformers does not know; only the tokenizer is wanted
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return AutoTokenizer.from_pretrained(directory)
-    finally:
-        logging.set_verbosity(verbosity)

@@ -65,8 +65,6 @@ def check_usable(config: SGLangServerConfig, estimator: str, needs, temperature:
 
 
 class SGLangEngine:
-    provides_trajectories = False
-
     def __init__(self, config: SGLangServerConfig, ports: list[int], batch_size: int = 64,
                  startup_timeout: float = 900.0, max_restarts: int = 3, tokenizer=None, on_restart=None,
                  log_dir: str | None = None, block_size: int = 0):

@@ -26,8 +26,8 @@ def sglang_rollout(cfg: RLConfig, hf_dir: str, env):
     """rollout.backend=sglang: running servers (sglang.urls); weights through the configured transport."""
     from megatron.core import parallel_state as ps
 
+    from dare_mega.data.tokenizer import load_tokenizer
     from dare_mega.models.builder import load_model_args
-    from dare_mega.rollout.engine import _load_tokenizer
     from dare_mega.rollout.sglang_client import SGLangClient
     from dare_mega.rollout.sglang_engine import SGLangEngine, SGLangServerConfig
     from dare_mega.weight_sync import transports
@@ -35,7 +35,7 @@ def sglang_rollout(cfg: RLConfig, hf_dir: str, env):
     s = cfg.sglang
     args = load_model_args(hf_dir, cfg.model.mask_token_id, cfg.model.block_size)
     server = SGLangServerConfig(hf_dir, tp=s.engine_tp, dllm_algorithm=s.dllm_algorithm)
-    engine = SGLangEngine.connect(s.urls, server, s.batch_size, _load_tokenizer(hf_dir),
+    engine = SGLangEngine.connect(s.urls, server, s.batch_size, load_tokenizer(hf_dir),
                                   args.diffusion.block_size, first=ps.get_data_parallel_rank())
     clients = [SGLangClient(url) for url in s.urls]
     if s.transport == "colocated":

@@ -136,7 +136,7 @@ def load(path: str, chunks, optimizer, scheduler) -> tuple[int, dict]:
     """Restore everything from a complete checkpoint; returns (step, data loader state)."""
     from megatron.core import dist_checkpointing
 
-    from dare_mega.checkpoint.hf_loader import unwrap
+    from dare_mega.models.hf_loader import unwrap
 
     missing = [f for f in REQUIRED if not os.path.exists(os.path.join(path, f))]
     if missing:

@@ -38,9 +38,9 @@ def ensure_model_dir(cfg) -> str:
     """The HF checkpoint to train: model.hf, or a tiny one made (once, race-free) from model.preset."""
     if cfg.model.hf:
         return cfg.model.hf
-    from dare_mega.__main__ import tiny_checkpoint
+    from dare_mega.checkpoint.tiny import cached_tiny_checkpoint
 
-    return tiny_checkpoint(cfg.model.preset)
+    return cached_tiny_checkpoint(cfg.model.preset)
 
 
 def preflight(cfg, hf_dir: str, world_size: int, check_budget: bool = True):
@@ -67,9 +67,9 @@ def preflight(cfg, hf_dir: str, world_size: int, check_budget: bool = True):
 def build_data(cfg: SFTConfig, args, hf_dir: str, dp_size: int, dp_rank: int):
     from dare_mega.data.records import read_records, synthetic_records
     from dare_mega.data.sft import PackedLoader, pack, tokenize_record
-    from dare_mega.rollout.engine import _load_tokenizer
+    from dare_mega.data.tokenizer import load_tokenizer
 
-    tokenizer = _load_tokenizer(hf_dir)
+    tokenizer = load_tokenizer(hf_dir)
     if tokenizer is None:
         raise ConfigError(f"{hf_dir}: SFT needs the checkpoint's tokenizer files (for its chat template)")
     if cfg.data.train:
@@ -190,9 +190,9 @@ def run(cfg: SFTConfig) -> dict:
 def training_meta(hf_dir: str, args, layout, dtype, run_dir: str, env):
     """What training checkpoints record about the source HF checkpoint (so that they export to HF), and
     the directory of its config and tokenizer files copied into the run."""
-    from dare_mega.checkpoint.safetensors_io import CheckpointReader
     from dare_mega.checkpoint.torch_dist import FORMAT_VERSION, dtype_name
     from dare_mega.models.transformer_config import padded_vocab_size
+    from dare_mega.storage.safetensors_io import CheckpointReader
 
     source = CheckpointReader(hf_dir)
     meta = {

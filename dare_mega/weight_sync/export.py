@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from dare_mega.checkpoint.hf_loader import megatron_tensors, unwrap
+from dare_mega.models.hf_loader import megatron_tensors, unwrap
 from dare_mega.models.weight_mapping import LayoutContext, dims_of
 
 DEFAULT_BUCKET_BYTES = 512 * 1024**2
@@ -202,11 +202,3 @@ class WeightExporter:
                 entry += len(specs)
         if receive and bucket.tensors:
             yield bucket
-
-
-def export_buckets(chunks, args, table=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES, receivers: str | int = "all",
-                   dtypes=None) -> Iterator[Bucket]:
-    """One-shot convenience: build the exporter and iterate its buckets."""
-    from dare_mega.models.builder import mapping_for
-
-    return WeightExporter(chunks, args, table or mapping_for(args), bucket_bytes, dtypes).buckets(receivers)

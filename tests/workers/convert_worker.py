@@ -16,13 +16,13 @@ def main():
     import torch
 
     from dare_mega.checkpoint.export import export_to_hf
-    from dare_mega.checkpoint.safetensors_io import CheckpointReader
     from dare_mega.checkpoint.torch_dist import args_of, load_into, save_from_hf
+    from dare_mega.cli.parity import parity_batch
     from dare_mega.models.builder import build_from_hf, build_model
-    from dare_mega.models.parity import parity_batch
     from dare_mega.models.runner import Runner
     from dare_mega.models.transformer_config import RuntimeOptions
     from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
+    from dare_mega.storage.safetensors_io import CheckpointReader
 
     env = init_distributed()
     spec = json.load(open(sys.argv[1]))

@@ -27,7 +27,6 @@ def save_live(chunks, hf_dir: str, out_dir: str, layout) -> None:
     """The live model as a torch_dist checkpoint that tools/convert_checkpoint.py can export."""
     from megatron.core import dist_checkpointing
 
-    from dare_mega.checkpoint.safetensors_io import CheckpointReader
     from dare_mega.checkpoint.torch_dist import (
         ASSETS_DIR,
         FORMAT_VERSION,
@@ -37,6 +36,7 @@ def save_live(chunks, hf_dir: str, out_dir: str, layout) -> None:
     )
     from dare_mega.models.builder import load_model_args
     from dare_mega.models.transformer_config import padded_vocab_size
+    from dare_mega.storage.safetensors_io import CheckpointReader
 
     if dist.get_rank() == 0:
         os.makedirs(out_dir)
@@ -58,10 +58,10 @@ def save_live(chunks, hf_dir: str, out_dir: str, layout) -> None:
 
 def main():
     from dare_mega.checkpoint.export import export_to_hf
-    from dare_mega.checkpoint.hf_loader import megatron_tensors, unwrap
-    from dare_mega.checkpoint.safetensors_io import CheckpointReader
     from dare_mega.models.builder import build_from_hf, mapping_for
+    from dare_mega.models.hf_loader import megatron_tensors, unwrap
     from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
+    from dare_mega.storage.safetensors_io import CheckpointReader
     from dare_mega.weight_sync.export import WeightExporter
 
     env = init_distributed()

@@ -11,7 +11,7 @@ from _common import finish
 
 
 def main():
-    from dare_mega.models.parity import run_parity
+    from dare_mega.cli.parity import run_parity
     from dare_mega.models.transformer_config import RuntimeOptions
     from dare_mega.parallel import ParallelLayout, init_distributed
 

@@ -15,8 +15,8 @@ from _common import finish
 def main():
     from megatron.core import parallel_state as ps
 
+    from dare_mega.cli.parity import dense_mask, parity_batch
     from dare_mega.models.builder import build_from_hf
-    from dare_mega.models.parity import dense_mask, parity_batch
     from dare_mega.models.reference import reference_logits, reference_model
     from dare_mega.models.runner import Runner
     from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel

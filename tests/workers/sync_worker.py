@@ -21,8 +21,8 @@ def offset(name: str, salt: str) -> float:
 
 
 def main():
-    from dare_mega.checkpoint.hf_loader import megatron_tensors, unwrap
     from dare_mega.models.builder import build_from_hf, mapping_for
+    from dare_mega.models.hf_loader import megatron_tensors, unwrap
     from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
     from dare_mega.rollout.sglang_client import SGLangClient
     from dare_mega.weight_sync.export import WeightExporter

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dare_mega.checkpoint.safetensors_io import CheckpointReader
 from dare_mega.models.builder import read_hf_config
+from dare_mega.storage.safetensors_io import CheckpointReader
 
 
 class RMSNorm(nn.Module):

@@ -119,8 +119,8 @@ def run_parity(hf_dir: str, layout, mask_kind: str = "block", batch_size: int = 
     """
     from megatron.core import parallel_state as ps
 
-    from dare_mega.checkpoint.hf_loader import megatron_tensors, shard_group, unwrap
     from dare_mega.models.builder import build_from_hf, mapping_for
+    from dare_mega.models.hf_loader import megatron_tensors, shard_group, unwrap
     from dare_mega.models.reference import reference_model
     from dare_mega.models.runner import Runner, wrap_for_training
     from dare_mega.models.transformer_config import RuntimeOptions

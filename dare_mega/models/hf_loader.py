@@ -12,10 +12,10 @@ import re
 
 import torch
 
-from dare_mega.checkpoint.safetensors_io import CheckpointReader
 from dare_mega.errors import CheckpointError
 from dare_mega.models.args import ModelArgs
 from dare_mega.models.weight_mapping import Binding, LayoutContext, MappingTable, canonical
+from dare_mega.storage.safetensors_io import CheckpointReader
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
@@ -94,12 +94,9 @@ def shard_group(binding: Binding) -> tuple[int, int]:
     return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
 
-def load_hf_weights(chunks, args: ModelArgs, directory: str, table: MappingTable | None = None,
+def load_hf_weights(chunks, args: ModelArgs, directory: str, table: MappingTable,
                     reader: CheckpointReader | None = None) -> int:
     """Copy HF weights into every tensor of this rank's chunks; returns the number of tensors loaded."""
-    from dare_mega.models.builder import mapping_for
-
-    table = table or mapping_for(args)
     reader = reader or check_hf_checkpoint(args, directory, table)
     import torch.distributed as dist
     from tqdm import tqdm
