@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from dare_mega.diffusion.attention import BlockDiffusionAttention
+from dare_mega.models import ops
 
 
 class RMSNorm(torch.nn.Module):
@@ -46,10 +47,7 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x):
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 def _backend(use_te: bool):

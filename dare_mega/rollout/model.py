@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dare_mega.models import ops
 from dare_mega.models.args import ModelArgs
 from dare_mega.models.weight_mapping import LayoutContext, MappingTable
 
@@ -59,7 +60,7 @@ class InferenceModel(torch.nn.Module):
         self.routing_record: dict[int, torch.Tensor] | None = None  # set to a dict to record chosen experts
         rot = int(args.head_dim * args.rotary_percent)
         self.rotary_dim = rot
-        self.inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32, device=self.device) / rot)
+        self.inv_freq = ops.rope_inverse_frequencies(rot, args.rope_theta, self.device)
 
     # ---- weights ---------------------------------------------------------------------------------------
     def set_full(self, name: str, full: torch.Tensor) -> None:
@@ -103,20 +104,12 @@ class InferenceModel(torch.nn.Module):
     # ---- arithmetic ------------------------------------------------------------------------------------
     @staticmethod
     def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * x32.to(dtype)
+        return ops.rms_norm(x, weight, eps)
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, T, heads, d]; rotate-half on the first rotary_dim dims."""
-        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, rot/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
-        half = self.rotary_dim // 2
-        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-        return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+        cos, sin = ops.rope_tables(positions, self.inv_freq, x.dtype)
+        return ops.apply_rope(x, cos[:, :, None], sin[:, :, None])
 
     def _attention(self, layer: int, x, positions, cache: KVCache | None, new_mask, store: bool):
         a = self.args
@@ -151,35 +144,16 @@ class InferenceModel(torch.nn.Module):
 
     @staticmethod
     def _swiglu(x, fc1, fc2):
-        gate, up = (x @ fc1.T).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ fc2.T
+        return ops.swiglu(*(x @ fc1.T).chunk(2, dim=-1)) @ fc2.T
 
     def _route(self, layer: int, x: torch.Tensor):
         """(chosen experts [N, k], their weights [N, k]) as Megatron's router computes them."""
         moe = self.args.moe
         L = f"decoder.layers.{layer}.mlp.router"
         logits = x.float() @ self.w(f"{L}.weight").float().T
-        if moe.score_function == "softmax":
-            if moe.norm_topk_prob:  # top-k on the logits, softmax over the k
-                top, chosen = logits.topk(moe.topk, dim=-1)
-                weights = torch.softmax(top, dim=-1)
-            else:
-                weights, chosen = torch.softmax(logits, dim=-1).topk(moe.topk, dim=-1)
-        else:
-            scores = torch.sigmoid(logits)
-            routing = scores + self.w(f"{L}.expert_bias") if moe.expert_bias else scores
-            if moe.num_groups:
-                n = moe.num_experts // moe.num_groups
-                group_scores = routing.view(-1, moe.num_groups, n).topk(moe.topk // moe.group_topk, dim=-1)[0].sum(-1)
-                keep = torch.zeros_like(group_scores).scatter(1, group_scores.topk(moe.group_topk, dim=-1)[1], 1.0)
-                routing = routing.masked_fill(~keep.repeat_interleave(n, dim=1).bool(), float("-inf"))
-            chosen = routing.topk(moe.topk, dim=-1)[1]
-            weights = scores.gather(1, chosen)
-            if moe.topk > 1:
-                weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        if moe.scaling_factor:
-            weights = weights * moe.scaling_factor
-        return chosen, weights
+        return ops.route(logits, moe.topk, moe.score_function, moe.norm_topk_prob,
+                         self.w(f"{L}.expert_bias") if moe.expert_bias else None, moe.num_groups, moe.group_topk,
+                         moe.scaling_factor)
 
     def _moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         L = f"decoder.layers.{layer}.mlp"

@@ -1,10 +1,12 @@
 """A plain single-process PyTorch reference of the HF LLaDA2 model (LLaDA2MoeModelLM, BailingMoeV2 layout).
 
 transformers has no class for it, so this module re-states the HF modeling semantics from the config, with
-the checkpoint's own parameter names, independently of the Megatron code: fused [Q_all ; K_all ; V_all]
+the checkpoint's own parameter names, independently of the Megatron code (the arithmetic of models/ops.py, which
+tests/test_ops.py checks against literal transcriptions of the HF code): fused [Q_all ; K_all ; V_all]
 projection, RMSNorm on q and k before a partial rotary embedding (the first head_dim * partial_rotary_factor
 dims, rotate-half), SwiGLU MLPs, and MoE layers with a sigmoid router (fp32 logits; selection on
-score + expert_bias restricted to the best `topk_group` of `n_group` groups, each scored by its top-2;
+score + expert_bias restricted to the best `topk_group` of `n_group` groups, each scored by its top-2
+(models/llada2/config.py refuses configs where Megatron's top num_experts_per_tok / topk_group would differ);
 weights = the unbiased scores of the chosen experts, renormalised, times routed_scaling_factor) plus one
 shared expert. Used by tools/check_logits.py and the tests; `routing` records the experts each MoE layer chose.
 """
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dare_mega.models import ops
 from dare_mega.models.builder import read_hf_config
 from dare_mega.storage.safetensors_io import CheckpointReader
 
@@ -28,10 +31,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):
@@ -42,7 +42,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Gate(nn.Module):
@@ -58,19 +58,8 @@ class Gate(nn.Module):
 
     def forward(self, x):
         logits = F.linear(x.float(), self.weight.float())
-        scores = torch.sigmoid(logits)
-        biased = scores + self.expert_bias
-        if self.n_group > 1:
-            grouped = biased.view(-1, self.n_group, self.num_experts // self.n_group)
-            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
-            keep = torch.zeros_like(group_scores).scatter(1, group_scores.topk(self.topk_group, dim=-1).indices, 1.0)
-            keep = keep.repeat_interleave(self.num_experts // self.n_group, dim=1).bool()
-            biased = biased.masked_fill(~keep, float("-inf"))
-        chosen = biased.topk(self.topk, dim=-1).indices
-        weights = scores.gather(1, chosen)
-        if self.topk > 1:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return chosen, weights * self.scaling
+        return ops.route(logits, self.topk, "sigmoid", expert_bias=self.expert_bias, num_groups=self.n_group,
+                         group_topk=self.topk_group, scaling_factor=self.scaling)
 
 
 class MoE(nn.Module):
@@ -105,19 +94,12 @@ class Attention(nn.Module):
         self.heads = cfg["num_attention_heads"]
         self.kv_heads = cfg.get("num_key_value_heads") or self.heads
         self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.heads
-        self.rotary_dim = int(self.head_dim * float(cfg.get("partial_rotary_factor", 1.0)))
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.query_key_value = nn.Linear(cfg["hidden_size"], (self.heads + 2 * self.kv_heads) * self.head_dim,
                                          bias=False)
         self.query_layernorm = RMSNorm(self.head_dim, eps)
         self.key_layernorm = RMSNorm(self.head_dim, eps)
         self.dense = nn.Linear(self.heads * self.head_dim, cfg["hidden_size"], bias=False)
-
-    @staticmethod
-    def _rotate(x, cos, sin):
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
 
     def forward(self, x, additive_mask, cos, sin):
         b, s, _ = x.shape
@@ -126,9 +108,7 @@ class Attention(nn.Module):
         q = self.query_layernorm(q).transpose(1, 2)  # [b, h, s, d]
         k = self.key_layernorm(k).transpose(1, 2)
         v = v.transpose(1, 2)
-        r = self.rotary_dim
-        q = torch.cat([self._rotate(q[..., :r], cos, sin), q[..., r:]], dim=-1)
-        k = torch.cat([self._rotate(k[..., :r], cos, sin), k[..., r:]], dim=-1)
+        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
         repeat = self.heads // self.kv_heads
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5 + additive_mask
@@ -171,10 +151,7 @@ class LLaDA2Reference(nn.Module):
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         rotary_dim = int(head_dim * float(cfg.get("partial_rotary_factor", 1.0)))
         theta = float(cfg.get("rope_theta", 600000))
-        self.register_buffer(
-            "inv_freq", 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim),
-            persistent=False,
-        )
+        self.register_buffer("inv_freq", ops.rope_inverse_frequencies(rotary_dim, theta), persistent=False)
 
     def forward(self, input_ids, position_ids, attention_mask):
         """attention_mask: [b, 1, s, s], additive (0 / -inf-like) or boolean (True = may attend)."""
@@ -184,9 +161,8 @@ class LLaDA2Reference(nn.Module):
                 ~attention_mask, torch.finfo(dtype).min)
         self.routing.clear()
         x = self.model.word_embeddings(input_ids)
-        freqs = position_ids.float()[..., None] * self.inv_freq  # [b, s, rot/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [b, 1, s, rot]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = ops.rope_tables(position_ids, self.inv_freq, x.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # [b, 1, s, rot]: every head alike
         for layer in self.model.layers:
             x = layer(x, attention_mask.to(x.dtype), cos, sin)
         logits = self.lm_head(self.model.norm(x)).float()
@@ -206,7 +182,7 @@ def reference_model(directory: str, dtype: torch.dtype = torch.float32) -> LLaDA
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     rotary_dim = int(head_dim * float(cfg.get("partial_rotary_factor", 1.0)))
     theta = float(cfg.get("rope_theta", 600000))
-    model.inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+    model.inv_freq = ops.rope_inverse_frequencies(rotary_dim, theta)  # built on meta above
     return model.eval()
 
 

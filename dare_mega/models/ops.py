@@ -1,0 +1,79 @@
+"""The arithmetic outside Megatron, stated once: RMSNorm, rotary embedding, SwiGLU, MoE routing.
+
+The rollout engine's model (rollout/model.py), the plain-PyTorch LLaDA2 reference (models/llada2/reference.py)
+and the RMSNorm of the Megatron layer spec (models/spec.py) all call these. tests/test_ops.py checks them
+against slow, literal per-token transcriptions of the HF modeling code, which import nothing from here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / rms(x)), the normalisation in float32 and cast back before the weight (HF Qwen3 / Bailing)."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rope_inverse_frequencies(rotary_dim: int, theta: float, device=None) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim)
+
+
+def rope_tables(positions: torch.Tensor, inverse_frequencies: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [..., rotary_dim] for integer positions [...] (the frequencies repeated, rotate-half layout)."""
+    freqs = positions.float()[..., None] * inverse_frequencies
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the first cos.shape[-1] dims of x (partial rotary keeps the rest as they are)."""
+    rotary_dim = cos.shape[-1]
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def route(logits: torch.Tensor, topk: int, score_function: str = "softmax", norm_topk_prob: bool = True,
+          expert_bias: torch.Tensor | None = None, num_groups: int | None = None, group_topk: int | None = None,
+          scaling_factor: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen experts [N, topk], their weights [N, topk]) from router logits [N, experts], as Megatron routes.
+
+    softmax: with `norm_topk_prob`, top-k on the logits and a softmax over the k (= softmax, top-k, renormalise);
+    without, the top-k of the softmax over all experts. sigmoid: the experts are chosen by score + expert_bias,
+    restricted to the best `group_topk` of `num_groups` groups, a group scored by the sum of its top
+    topk / group_topk selection scores; the weights are the unbiased scores of the chosen experts, normalised to
+    sum 1. Then `scaling_factor`."""
+    logits = logits.float()
+    if score_function == "softmax":
+        if norm_topk_prob:
+            top, chosen = logits.topk(topk, dim=-1)
+            weights = torch.softmax(top, dim=-1)
+        else:
+            weights, chosen = torch.softmax(logits, dim=-1).topk(topk, dim=-1)
+    elif score_function == "sigmoid":
+        scores = torch.sigmoid(logits)
+        selection = scores + expert_bias if expert_bias is not None else scores
+        if num_groups and num_groups > 1:
+            per_group = logits.shape[-1] // num_groups
+            group_scores = selection.view(-1, num_groups, per_group).topk(topk // group_topk, dim=-1)[0].sum(-1)
+            keep = torch.zeros_like(group_scores).scatter(1, group_scores.topk(group_topk, dim=-1)[1], 1.0)
+            selection = selection.masked_fill(~keep.repeat_interleave(per_group, dim=1).bool(), float("-inf"))
+        chosen = selection.topk(topk, dim=-1)[1]
+        weights = scores.gather(1, chosen)
+        if topk > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    else:
+        raise ValueError(f"router score function {score_function!r}: expected 'softmax' or 'sigmoid'")
+    if scaling_factor:
+        weights = weights * scaling_factor
+    return chosen, weights
