@@ -153,7 +153,7 @@ def test_all_presets_parse():
 
 def test_llada2_numbers():
     mini = args_from_config(load_preset("llada2.0-mini"))
-    assert mini.architecture == "LLaDA2MoeModelLM" and mini.family == "llada2_moe"
+    assert mini.architecture == "LLaDA2MoeModelLM" and mini.family == "llada2"
     assert mini.moe.layer_pattern == (0,) + (1,) * 19  # first_k_dense_replace = 1
     assert (mini.moe.num_experts, mini.moe.topk, mini.moe.num_groups, mini.moe.group_topk) == (256, 8, 8, 4)
     assert mini.moe.score_function == "sigmoid" and mini.moe.expert_bias and mini.moe.scaling_factor == 2.5

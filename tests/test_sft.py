@@ -86,7 +86,7 @@ def test_loader_deals_equal_counts_and_resumes():
 @pytest.mark.parametrize("name", ["sdar_block", "llada2_block", "masked_diffusion"])
 def test_objectives(name):
     row = _row()
-    obj = objective(name, "sdar_moe")
+    obj = objective(name, "sdar")
     counts = []
     for seed in range(200):
         masked, rate = noise_row(row, obj, torch.Generator().manual_seed(seed))
@@ -115,7 +115,7 @@ def test_objectives(name):
     else:
         assert (weights[:24][masked_positions] >= 1.0).all()  # 1 / p
         assert batch.loss_normalizer.item() == 7 + 5  # the answer lengths
-    assert objective("auto", "llada2_moe").name == "llada2_block" and objective("auto", "sdar").name == "sdar_block"
+    assert objective("auto", "llada2").name == "llada2_block" and objective("auto", "sdar").name == "sdar_block"
 
 
 def expected_document_weight(obj, length: int, eligible: torch.Tensor, nodes: int = 64) -> float:

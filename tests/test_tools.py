@@ -13,7 +13,7 @@ from conftest import REPO, clean_env, torchrun
 
 def test_make_tiny_model_writes_the_published_layout(tmp_path):
     out = tmp_path / "tiny-moe"
-    proc = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--family", "sdar_moe", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--preset", "tiny-sdar-moe", "--out", str(out)],
                           cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = set(os.listdir(out))
@@ -39,14 +39,14 @@ def test_make_tiny_model_writes_the_published_layout(tmp_path):
     chat = tok.apply_chat_template([{"role": "user", "content": "1+1?"}], add_generation_prompt=True, tokenize=False)
     assert chat.endswith("<|im_start|>assistant\n")
 
-    again = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--family", "sdar", "--out", str(out)],
+    again = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--preset", "tiny-sdar", "--out", str(out)],
                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
 
 
 def test_make_tiny_llada2_in_bfloat16(tmp_path):
     out = tmp_path / "tiny-llada2"
-    proc = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--family", "llada2_moe", "--out", str(out),
+    proc = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--preset", "tiny-llada2-moe", "--out", str(out),
                            "--dtype", "bfloat16"], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from transformers import AutoTokenizer

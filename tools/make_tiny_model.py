@@ -1,7 +1,10 @@
 #!/usr/bin/env python
-"""Write a random HF checkpoint in a family's exact published layout, from a tiny preset.
+"""Write a random HF checkpoint in a family's exact published layout, from a preset of configs/models/.
 
-    python tools/make_tiny_model.py --family sdar_moe --out /tmp/tiny-sdar-moe
+    python tools/make_tiny_model.py --preset tiny-sdar-moe --out /tmp/tiny-sdar-moe
+
+The tiny presets are those the families declare (dare_mega/models/<family>/: `tiny_presets`); any other
+preset of configs/models/ works too (the published sizes: large).
 """
 
 from __future__ import annotations
@@ -10,27 +13,24 @@ import argparse
 import sys
 
 from dare_mega.checkpoint.tiny import make_tiny_checkpoint
-from dare_mega.models.presets import tiny_preset_for
-
-FAMILIES = ("sdar", "sdar_moe", "llada2_moe")
+from dare_mega.models.family import families
 
 
 def main(argv=None) -> int:
+    tiny = [p for f in families() for p in f.tiny_presets]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=FAMILIES, required=True)
+    parser.add_argument("--preset", required=True, help=f"a preset of configs/models/ (tiny ones: {', '.join(tiny)})")
     parser.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
-    parser.add_argument("--preset", help="a preset of configs/models/ instead of the family's tiny one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--max-shard-bytes", type=int, default=2**20,
                         help="shard size; the default splits tiny models into several shards with an index")
     args = parser.parse_args(argv)
-    preset = args.preset or tiny_preset_for(args.family)
     import torch
 
-    make_tiny_checkpoint(args.out, preset=preset, seed=args.seed, max_shard_bytes=args.max_shard_bytes,
+    make_tiny_checkpoint(args.out, preset=args.preset, seed=args.seed, max_shard_bytes=args.max_shard_bytes,
                          dtype=getattr(torch, args.dtype))
-    print(f"wrote {preset} ({args.family}) to {args.out}")
+    print(f"wrote {args.preset} to {args.out}")
     return 0
 
 

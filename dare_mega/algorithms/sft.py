@@ -39,9 +39,12 @@ class Objective:
 
 def objective(name: str, family: str, eps: float = 1e-3, t_min: float | None = None,
               t_max: float | None = None) -> Objective:
-    """The objective `name` ("auto": the family's published recipe) with its defaults filled in."""
+    """The objective `name` ("auto": the published recipe of `family`, a models/ registry name) with its
+    defaults filled in."""
     if name == "auto":
-        name = "llada2_block" if family.startswith("llada2") else "sdar_block"
+        from dare_mega.models.family import family_named
+
+        name = family_named(family).sft_objective
     if name == "llada2_block":
         return Objective(name, 0.3 if t_min is None else t_min, 0.8 if t_max is None else t_max, 0.0, True,
                          inverse_p=False, per_answer=False)

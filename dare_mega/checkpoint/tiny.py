@@ -20,26 +20,6 @@ from dare_mega.models.family import family_for
 from dare_mega.models.presets import load_preset
 from dare_mega.storage.safetensors_io import LazyTensors, write_hf_checkpoint
 
-# The tiny tokenizers: the 256 byte tokens, then each family's special tokens (ids as in the tiny presets),
-# its chat format, and what its published generation_config.json says.
-QWEN_CHAT = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-LLADA2_CHAT = (
-    "{{ '<role>SYSTEM</role>' }}{% for message in messages %}{% if message['role'] == 'system' %}"
-    "{{ message['content'] + '<|role_end|>' }}{% else %}{{ '<role>' + ('HUMAN' if message['role'] == 'user' "
-    "else message['role'] | upper) + '</role>' + message['content'] + '<|role_end|>' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<role>ASSISTANT</role>' }}{% endif %}"
-)
-TOKENIZERS = {
-    "sdar": dict(specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>", "<think>", "</think>"],
-                 eos="<|im_end|>", pad="<|endoftext|>", mask="<|MASK|>", chat=QWEN_CHAT,
-                 generation_eos=["<|im_end|>", "<|endoftext|>"]),
-    "llada2": dict(specials=["<|endoftext|>", "<|startoftext|>", "<|role_end|>", "<|mask|>"],
-                   eos="<|endoftext|>", pad="<|endoftext|>", mask="<|mask|>", chat=LLADA2_CHAT, generation_eos=None),
-}
-
 
 def _init_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     if len(shape) == 1:  # norm weights: near 1, but not 1, so that a mis-mapped norm shows in the logits
@@ -48,11 +28,12 @@ def _init_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) 
     return std * torch.randn(shape, generator=generator)
 
 
-def save_tiny_tokenizer(directory: str, family: str = "sdar") -> None:
+def save_tiny_tokenizer(directory: str, spec: dict) -> None:
+    """A byte-level tokenizer: the 256 byte tokens, then the family's special tokens (`ModelFamily.tiny_tokenizer`:
+    specials, eos, pad, mask, chat template, generation_eos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    spec = TOKENIZERS[family]
     specials = spec["specials"]
     byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
     byte_vocab = {ch: i for i, ch in enumerate(sorted(byte_vocab, key=lambda c: ord(c)))}
@@ -95,15 +76,14 @@ def make_tiny_checkpoint(out_dir: str, preset: str | dict = "tiny-sdar", seed: i
         [(name, dtype_of(name), shape) for name, shape in shapes.items()],
         lambda name: _init_tensor(name, shapes[name], generator).to(dtype_of(name)),
     )
-    family = family_for(args.architecture).name
+    spec = family_for(args.architecture).tiny_tokenizer
     with tempfile.TemporaryDirectory() as tok_dir:
-        save_tiny_tokenizer(tok_dir, family)
+        save_tiny_tokenizer(tok_dir, spec)
         extra = {}
         for file in os.listdir(tok_dir):
             with open(os.path.join(tok_dir, file), "rb") as f:
                 extra[file] = f.read()
     # as published: SDAR stops on <|im_end|> and <|endoftext|>; LLaDA2's file names only the pad
-    spec = TOKENIZERS[family]
     generation = {"pad_token_id": args.diffusion.pad_token_id}
     if spec["generation_eos"]:
         generation["eos_token_id"] = [256 + spec["specials"].index(t) for t in spec["generation_eos"]]

@@ -32,13 +32,14 @@ class DiffusionArgs:
     mask_token_id: int
     block_size: int
     shifted_logits: bool = False  # Dream predicts token i at i-1; SDAR and LLaDA predict in place
+    attention: str = "block_diffusion"  # or "full": bidirectional over the whole sequence (LLaDA, Dream)
     pad_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class ModelArgs:
-    family: str  # the variant: "sdar" or "sdar_moe" (the registry's family "sdar" covers both)
+    family: str  # the registry's name of its family (dare_mega/models/<family>/): "sdar", "llada2"
     architecture: str
     num_layers: int
     hidden_size: int
@@ -52,6 +53,7 @@ class ModelArgs:
     rotary_percent: float = 1.0
     max_position_embeddings: int = 32768
     qk_norm: bool = True
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2 / Dream)
     tie_word_embeddings: bool = False
     moe: MoEArgs | None = None
     diffusion: DiffusionArgs | None = None
@@ -62,6 +64,30 @@ class ModelArgs:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def features(self) -> frozenset[str]:
+        """What a component must implement to run this model (the names of models/family.py's FEATURES)."""
+        out = set()
+        if self.qk_norm:
+            out.add("qk_norm")
+        if self.qkv_bias:
+            out.add("qkv_bias")
+        if self.rotary_percent < 1:
+            out.add("partial_rope")
+        if self.tie_word_embeddings:
+            out.add("tied_embeddings")
+        if self.diffusion is not None and self.diffusion.shifted_logits:
+            out.add("shifted_logits")
+        if self.diffusion is not None and self.diffusion.attention == "full":
+            out.add("full_attention")
+        if self.moe is not None:
+            out.add(f"router_{self.moe.score_function}" + ("_grouped" if self.moe.num_groups else ""))
+            if self.moe.expert_bias:
+                out.add("expert_bias")
+            if self.moe.shared_expert_ffn_hidden_size:
+                out.add("shared_expert")
+        return frozenset(out)
 
 
 def require(hf_config: dict, key: str, source: str, kind=int):

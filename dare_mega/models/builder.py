@@ -14,7 +14,7 @@ import torch
 
 from dare_mega.errors import ConfigError
 from dare_mega.models.args import ModelArgs
-from dare_mega.models.family import family_for
+from dare_mega.models.family import family_for, require_features
 from dare_mega.models.gpt import DiffusionGPTModel
 from dare_mega.models.hf_loader import check_hf_checkpoint, load_hf_weights
 from dare_mega.models.spec import decoder_block_spec
@@ -25,6 +25,10 @@ from dare_mega.models.transformer_config import (
     transformer_config,
 )
 from dare_mega.parallel.layout import ParallelLayout
+
+# what the Megatron model built here implements (models/family.py: FEATURES); the attention takes any mask
+MEGATRON_FEATURES = frozenset({"qk_norm", "partial_rope", "tied_embeddings", "full_attention", "router_softmax",
+                               "router_sigmoid", "router_sigmoid_grouped", "expert_bias", "shared_expert"})
 
 
 def read_hf_config(path: str) -> tuple[dict, str]:
@@ -72,6 +76,7 @@ def build_model(args: ModelArgs, layout: ParallelLayout, options: RuntimeOptions
     from megatron.core import parallel_state
 
     check_layout(args, layout, source)
+    require_features(args, MEGATRON_FEATURES, "the Megatron model (models/builder.py)")
     if parallel_state.get_tensor_model_parallel_world_size() != layout.tp:
         raise ConfigError(
             f"build_model: layout says tp={layout.tp} but the initialised groups have "

@@ -1,6 +1,11 @@
-"""A model family: which HF architectures it reads, how its config becomes ModelArgs, its mapping table.
+"""A model family: which HF architectures it reads, how its config becomes ModelArgs, its mapping table, its
+reference, its SFT objective, tiny presets and tokenizer, and the decoding its authors report.
 
-Families register themselves in dare_mega/models/__init__.py; `family_for(architecture)` finds one.
+A family is one folder, dare_mega/models/<family>/, whose __init__ registers one ModelFamily; `family_for
+(architecture)` finds it. What a model needs beyond the plain block-diffusion transformer is a set of
+FEATURES (`ModelArgs.features`); each component that runs models (the Megatron builder, the rollout engine,
+each family's reference) declares the features it implements and `require_features` refuses, by name, a model
+that needs one it does not.
 """
 
 from __future__ import annotations
@@ -26,9 +31,40 @@ class ModelFamily:
     # under the checkpoint's names
     reference: Callable | None = None
     reference_named_tensors: Callable | None = None
+    # the features its reference implements (FEATURES above)
+    reference_features: frozenset[str] = frozenset()
+    # the SFT objective of its published recipe (algorithms/sft.py: loss.name=auto)
+    sft_objective: str = "sdar_block"
+    # the tiny presets of configs/models/ that make test checkpoints of it, and its tiny tokenizer
+    # (checkpoint/tiny.py: specials, eos, pad, mask, chat template, generation_eos)
+    tiny_presets: tuple[str, ...] = ()
+    tiny_tokenizer: dict = field(default_factory=dict)
     # the decoding the model's authors report (SamplingParams fields; block size comes from the checkpoint):
     # what evaluation uses unless told otherwise
     decoding: dict = field(default_factory=dict)
+
+
+FEATURES = {
+    "qk_norm": "RMSNorm on q and k before the rotary embedding",
+    "qkv_bias": "biases on the q, k and v projections",
+    "partial_rope": "a rotary embedding on part of each head (rotary_percent < 1)",
+    "tied_embeddings": "the output layer shares the input embedding",
+    "shifted_logits": "position i predicts token i+1 (Dream) instead of token i",
+    "full_attention": "bidirectional attention over the whole sequence (masked diffusion) instead of blocks",
+    "router_softmax": "an MoE router with softmax scores (Qwen3-MoE)",
+    "router_sigmoid": "an MoE router with sigmoid scores",
+    "router_sigmoid_grouped": "an MoE router with sigmoid scores and group-limited top-k (BailingMoeV2)",
+    "expert_bias": "an MoE selection bias (aux-loss-free balancing)",
+    "shared_expert": "an always-on shared expert beside the routed ones",
+}
+
+
+def require_features(args: ModelArgs, implemented: frozenset[str] | set[str], component: str) -> None:
+    """Refuse, naming each missing feature, a model that needs what `component` does not implement."""
+    missing = sorted(args.features - set(implemented))
+    if missing:
+        raise ConfigError(f"{args.architecture}: {component} does not implement "
+                          + "; ".join(f"{name} ({FEATURES[name]})" for name in missing))
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -45,6 +81,19 @@ def family_for(architecture: str, source: str = "config.json") -> ModelFamily:
         known = ", ".join(sorted(_FAMILIES))
         raise ConfigError(f"{source}: unknown architecture {architecture!r}; dare_mega knows: {known}")
     return _FAMILIES[architecture]
+
+
+def families() -> list[ModelFamily]:
+    """Every registered family, once each, by name."""
+    return sorted({f.name: f for f in _FAMILIES.values()}.values(), key=lambda f: f.name)
+
+
+def family_named(name: str) -> ModelFamily:
+    """The registered family called `name` (ModelArgs.family)."""
+    for family in families():
+        if family.name == name:
+            return family
+    raise ConfigError(f"unknown model family {name!r}; dare_mega knows: {', '.join(f.name for f in families())}")
 
 
 def known_architectures() -> list[str]:

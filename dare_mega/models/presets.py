@@ -30,10 +30,3 @@ def load_preset(name: str) -> dict:
     return cfg
 
 
-def tiny_preset_for(family: str) -> str:
-    return {"sdar": "tiny-sdar", "sdar_moe": "tiny-sdar-moe", "llada2_moe": "tiny-llada2-moe"}.get(family) or (
-        _unknown_family(family))
-
-
-def _unknown_family(family: str):
-    raise ConfigError(f"no tiny preset for family {family!r}")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from dare_mega.models.builder import read_hf_config
-from dare_mega.models.family import family_for
+from dare_mega.models.builder import load_model_args, read_hf_config
+from dare_mega.models.family import family_for, require_features
 
 
 def reference_model(directory: str):
     cfg, source = read_hf_config(directory)
     family = family_for((cfg.get("architectures") or [None])[0], source)
+    require_features(load_model_args(directory), family.reference_features, f"the {family.name} reference")
     model = family.reference(directory)
     model.dare_family = family
     return model

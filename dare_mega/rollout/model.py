@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from dare_mega.models import ops
 from dare_mega.models.args import ModelArgs
+from dare_mega.models.family import require_features
 from dare_mega.models.weight_mapping import LayoutContext, MappingTable
 
 _EXPERT = "decoder.layers.{layer}.mlp.experts.local_experts.{expert}.linear_fc{n}.weight"
@@ -51,7 +52,12 @@ class KVCache:
 
 
 class InferenceModel(torch.nn.Module):
+    # what this forward implements (models/family.py: FEATURES); decoding is block by block
+    FEATURES = frozenset({"qk_norm", "partial_rope", "router_softmax", "router_sigmoid", "router_sigmoid_grouped",
+                          "expert_bias", "shared_expert"})
+
     def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.float32, device="cpu"):
+        require_features(args, self.FEATURES, "the native rollout engine (rollout/model.py)")
         super().__init__()
         self.args = args
         self.dtype = dtype

@@ -4,6 +4,18 @@ from dare_mega.models.family import ModelFamily, register
 from dare_mega.models.llada2 import config
 from dare_mega.models.llada2.mapping import llada2_mapping
 
+# the tiny test tokenizer (checkpoint/tiny.py): byte tokens, then these specials, LLaDA2's chat format; its
+# published generation_config.json names only the pad
+LLADA2_CHAT = (
+    "{{ '<role>SYSTEM</role>' }}{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ message['content'] + '<|role_end|>' }}{% else %}{{ '<role>' + ('HUMAN' if message['role'] == 'user' "
+    "else message['role'] | upper) + '</role>' + message['content'] + '<|role_end|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<role>ASSISTANT</role>' }}{% endif %}"
+)
+TINY_TOKENIZER = dict(specials=["<|endoftext|>", "<|startoftext|>", "<|role_end|>", "<|mask|>"],
+                      eos="<|endoftext|>", pad="<|endoftext|>", mask="<|mask|>", chat=LLADA2_CHAT,
+                      generation_eos=None)
+
 
 def _reference(directory):
     from dare_mega.models.llada2.reference import reference_model
@@ -27,6 +39,11 @@ LLADA2 = register(
         default_block_size=config.BLOCK_SIZE,
         reference=_reference,
         reference_named_tensors=_reference_named_tensors,
+        reference_features=frozenset({"qk_norm", "partial_rope", "full_attention", "router_sigmoid_grouped",
+                                      "router_sigmoid", "expert_bias", "shared_expert"}),
+        sft_objective="llada2_block",
+        tiny_presets=("tiny-llada2-moe",),
+        tiny_tokenizer=TINY_TOKENIZER,
         # LLaDA2 generate(): temperature 0, steps 32 per block, threshold 0.95
         decoding={"policy": "low_confidence_dynamic", "threshold": 0.95, "steps": 32, "temperature": 0.0},
     )

@@ -84,7 +84,7 @@ def args_from_hf(cfg: dict, source: str = "config.json", mask_token_id: int | No
     if not eos_ids and pad is not None:
         eos_ids = (pad,)  # LLaDA2 stops on <|endoftext|>, which is also its pad
     return ModelArgs(
-        family="llada2_moe",
+        family="llada2",
         architecture=ARCH,
         **sizes,
         rope_theta=float(cfg.get("rope_theta", 600000)),

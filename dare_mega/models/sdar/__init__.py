@@ -4,6 +4,16 @@ from dare_mega.models.family import ModelFamily, register
 from dare_mega.models.sdar import config
 from dare_mega.models.sdar.mapping import sdar_mapping
 
+# the tiny test tokenizer (checkpoint/tiny.py): byte tokens, then these specials (ids as in the tiny presets),
+# Qwen's chat format, and the stop tokens of the published generation_config.json
+QWEN_CHAT = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_TOKENIZER = dict(specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>", "<think>", "</think>"],
+                      eos="<|im_end|>", pad="<|endoftext|>", mask="<|MASK|>", chat=QWEN_CHAT,
+                      generation_eos=["<|im_end|>", "<|endoftext|>"])
+
 
 def _reference(directory):
     from dare_mega.models.sdar.hf_reference import hf_reference_model
@@ -27,6 +37,11 @@ SDAR = register(
         default_block_size=config.BLOCK_SIZE,
         reference=_reference,
         reference_named_tensors=_reference_named_tensors,
+        # transformers' Qwen3 / Qwen3-MoE (any attention mask, tied or untied output layer)
+        reference_features=frozenset({"qk_norm", "tied_embeddings", "full_attention", "router_softmax"}),
+        sft_objective="sdar_block",
+        tiny_presets=("tiny-sdar", "tiny-sdar-moe"),
+        tiny_tokenizer=TINY_TOKENIZER,
         # SDAR README / JetEngine: dynamic low-confidence unmasking at threshold 0.9, greedy
         decoding={"policy": "low_confidence_dynamic", "threshold": 0.9, "temperature": 0.0},
     )

@@ -81,7 +81,7 @@ def args_from_hf(cfg: dict, source: str = "config.json", mask_token_id: int | No
         pad = PAD_TOKEN_ID if vocab > PAD_TOKEN_ID else cfg.get("eos_token_id", eos_ids[0] if eos_ids else None)
         pad = pad[-1] if isinstance(pad, list) else pad
     return ModelArgs(
-        family="sdar_moe" if moe else "sdar",
+        family="sdar",
         architecture=arch,
         **sizes,
         rope_theta=float(cfg.get("rope_theta", 1e6)),

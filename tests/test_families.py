@@ -1,0 +1,80 @@
+"""The family registry is the one place that knows families; components refuse features they do not implement."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from dare_mega.algorithms.sft import objective
+from dare_mega.errors import ConfigError
+from dare_mega.models.builder import MEGATRON_FEATURES, args_from_config, build_model
+from dare_mega.models.family import FEATURES, families, family_named, require_features
+from dare_mega.models.presets import list_presets, load_preset
+from dare_mega.parallel import ParallelLayout
+from dare_mega.rollout.model import InferenceModel
+
+FAMILIES = [(f.name, f) for f in families()]
+
+
+@pytest.mark.parametrize("name,family", FAMILIES)
+def test_each_entry_declares_what_the_rest_needs(name, family):
+    assert family_named(name) is family
+    assert {"specials", "eos", "pad", "mask", "chat", "generation_eos"} <= set(family.tiny_tokenizer)
+    assert family.tiny_tokenizer["mask"] in family.tiny_tokenizer["specials"]
+    assert objective("auto", name).name == family.sft_objective
+    assert family.reference_features <= set(FEATURES)
+    assert family.tiny_presets and all(p in list_presets() for p in family.tiny_presets)
+    for preset in family.tiny_presets:
+        args = args_from_config(load_preset(preset))
+        assert args.family == name and args.architecture in family.architectures  # one name for one thing
+        # the tiny models every test builds need nothing a component lacks
+        for implemented in (MEGATRON_FEATURES, InferenceModel.FEATURES, family.reference_features):
+            assert args.features <= implemented, (preset, args.features - implemented)
+
+
+def test_every_published_preset_runs_everywhere():
+    for preset in list_presets():
+        args = args_from_config(load_preset(preset))
+        family = family_named(args.family)
+        for implemented in (MEGATRON_FEATURES, InferenceModel.FEATURES, family.reference_features):
+            assert args.features <= implemented, (preset, args.features - implemented)
+
+
+def with_feature(args, feature):
+    if feature == "shifted_logits":
+        return replace(args, diffusion=replace(args.diffusion, shifted_logits=True))
+    if feature == "full_attention":
+        return replace(args, diffusion=replace(args.diffusion, attention="full"))
+    if feature == "qkv_bias":
+        return replace(args, qkv_bias=True)
+    raise KeyError(feature)
+
+
+@pytest.mark.parametrize("feature", ["shifted_logits", "qkv_bias"])
+def test_the_megatron_builder_refuses_a_feature_it_lacks(feature, world1):
+    args = with_feature(args_from_config(load_preset("tiny-sdar")), feature)
+    assert feature in args.features
+    with pytest.raises(ConfigError, match=rf"Megatron model .*does not implement {feature} \("):
+        build_model(args, ParallelLayout())
+
+
+@pytest.mark.parametrize("feature", ["shifted_logits", "qkv_bias", "full_attention"])
+def test_the_engine_refuses_a_feature_it_lacks(feature):
+    args = with_feature(args_from_config(load_preset("tiny-llada2-moe")), feature)
+    with pytest.raises(ConfigError, match=rf"rollout engine .*does not implement {feature} \("):
+        InferenceModel(args)
+
+
+def test_references_refuse_what_they_lack():
+    sdar = family_named("sdar")
+    args = with_feature(args_from_config(load_preset("tiny-sdar")), "shifted_logits")
+    with pytest.raises(ConfigError, match="the sdar reference does not implement shifted_logits"):
+        require_features(args, sdar.reference_features, "the sdar reference")
+    require_features(with_feature(args_from_config(load_preset("tiny-sdar")), "full_attention"),
+                     sdar.reference_features, "the sdar reference")  # transformers takes any mask
+
+
+def test_an_unknown_family_is_named():
+    with pytest.raises(ConfigError, match="unknown model family 'dream'.*llada2, sdar"):
+        family_named("dream")
