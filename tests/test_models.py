@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from dare_mega.models.builder import args_from_config, mapping_for
+from dare_mega.models.names import canonical
 from dare_mega.models.presets import list_presets, load_preset
 from dare_mega.models.transformer_config import padded_vocab_size
-from dare_mega.models.weight_mapping import GatedFC1, GroupedQKV, LayoutContext, VocabRows, canonical
+from dare_mega.models.weight_mapping import GatedFC1, GroupedQKV, LayoutContext, VocabRows
 
 PUBLISHED = {
     "llada2.0-mini": "LLaDA2.0-mini",
@@ -89,6 +90,31 @@ def test_every_megatron_tensor_binds_to_one_row():
     assert "decoder.layers.3.mlp.experts.local_experts.7.linear_fc2.weight" in seen
     assert canonical("decoder.layers.1.mlp.experts.linear_fc1.weight5") == (
         "decoder.layers.1.mlp.experts.local_experts.5.linear_fc1.weight")
+
+
+def test_names_convert_between_every_form():
+    """models/names.py: every expert tensor of the table survives each conversion and its inverse."""
+    from dare_mega.models import names
+
+    table = mapping_for(args_from_config(load_preset("tiny-llada2-moe")))
+    experts = 0
+    for binding in table.bindings():
+        name = binding.megatron_name
+        stacked, expert = names.split_expert(name)
+        assert expert == binding.expert and names.layer_of(name) == binding.layer
+        key, stored_expert = names.stored_key(name)
+        assert names.from_stored_key(key, stored_expert) == name
+        if expert is not None:
+            experts += 1
+            assert names.is_stored_stack(key) and ".mlp.experts.experts." in key and ".local_experts." not in stacked
+            assert names.with_indices(names.with_indices(name, 0, 0), binding.layer, expert) == name
+            grouped = stacked.replace(".weight", f".weight{expert}")  # Megatron's grouped-GEMM form
+            assert names.canonical(grouped) == name
+        else:
+            assert (key, stored_expert) == (name, None) and stacked == name
+    assert experts > 0
+    with pytest.raises(ValueError, match="needs the expert index"):
+        names.from_stored_key("decoder.layers.1.mlp.experts.experts.linear_fc1.weight")
 
 
 def test_qkv_is_interleaved_per_query_group():

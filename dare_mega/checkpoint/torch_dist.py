@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 
 import torch
 import torch.distributed as dist
 
 from dare_mega.errors import CheckpointError
+from dare_mega.models import names
 
 META_FILE = "dare_mega.json"
 ASSETS_DIR = "hf_assets"
 FORMAT_VERSION = 1
-_STACKED_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.experts\.(linear_fc\d\.weight)$")
 
 DTYPES = {str(t).replace("torch.", ""): t for t in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 
@@ -47,20 +46,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def canonical_for_key(key: str, expert: int | None = None) -> str:
     """The table's Megatron name for a stored key; stacked expert keys need the expert index."""
-    match = _STACKED_EXPERT.match(key)
-    if match:
-        if expert is None:
-            raise ValueError(f"{key}: a stacked expert key needs the expert index")
-        return f"{match.group(1)}.local_experts.{expert}.{match.group(2)}"
-    return key
+    return names.from_stored_key(key, expert)
 
 
 def key_for_canonical(name: str) -> tuple[str, int | None]:
     """(stored key, expert index or None) of a canonical Megatron name."""
-    match = re.match(r"^(decoder\.layers\.\d+\.mlp\.experts)\.local_experts\.(\d+)\.(linear_fc\d\.weight)$", name)
-    if match:
-        return f"{match.group(1)}.experts.{match.group(3)}", int(match.group(2))
-    return name, None
+    return names.stored_key(name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,7 +80,7 @@ class _Materializer:
         return self._cached[1]
 
     def chunk(self, key: str, offsets, sizes, dtype: torch.dtype) -> torch.Tensor:
-        if _STACKED_EXPERT.match(key):
+        if names.is_stored_stack(key):
             expert, offsets, sizes = offsets[0], offsets[1:], sizes[1:]
             full = self.full(canonical_for_key(key, expert))[None]
             offsets, sizes = (0, *offsets), (1, *sizes)

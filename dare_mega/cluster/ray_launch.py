@@ -143,7 +143,7 @@ def launch(config_path: str, overrides: list[str], trainers: int, placement: str
     """Run one RL job on the connected Ray cluster; returns rank 0's result (held-out accuracy before/after)."""
     from dare_mega.config import load_config
     from dare_mega.trainer.config import RLConfig
-    from dare_mega.trainer.sft import ensure_model_dir
+    from dare_mega.trainer.setup import ensure_model_dir
 
     if placement not in ("colocated", "disaggregated"):
         raise SystemExit(f"--placement {placement!r}: colocated or disaggregated")

@@ -8,17 +8,14 @@ tensor this rank holds, only the HF tensors it is made of, converts the layout a
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
 from dare_mega.errors import CheckpointError
+from dare_mega.models import names
 from dare_mega.models.args import ModelArgs
-from dare_mega.models.weight_mapping import Binding, LayoutContext, MappingTable, canonical
+from dare_mega.models.weight_mapping import Binding, LayoutContext, MappingTable
 from dare_mega.storage.safetensors_io import CheckpointReader
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 
 
 def check_hf_checkpoint(args: ModelArgs, directory: str, table: MappingTable) -> CheckpointReader:
@@ -57,18 +54,14 @@ def unwrap(chunk):
 
 def global_name(model, local_name: str) -> str:
     """A parameter name of one chunk with global layer and expert indices, in the canonical expert form."""
-    name = canonical(local_name)
-    match = _LAYER.match(name)
-    if not match:
+    name = names.canonical(local_name)
+    local_layer = names.layer_of(name)
+    if local_layer is None:
         return name
-    local_layer = int(match.group(1))
     layer = model.decoder.layers[local_layer]
-    name = f"decoder.layers.{layer.layer_number - 1}." + name[match.end():]
-    expert = _LOCAL_EXPERT.search(name)
-    if expert:
-        global_expert = layer.mlp.local_expert_indices[int(expert.group(1))]
-        name = name[: expert.start()] + f".mlp.experts.local_experts.{global_expert}." + name[expert.end():]
-    return name
+    _, local_expert = names.split_expert(name)
+    expert = None if local_expert is None else layer.mlp.local_expert_indices[local_expert]
+    return names.with_indices(name, layer.layer_number - 1, expert)
 
 
 def megatron_tensors(model, table: MappingTable):

@@ -87,6 +87,10 @@ class Row:
     def to_hf(self, full: torch.Tensor, ctx: "LayoutContext") -> list[torch.Tensor]:
         return [full]
 
+    def unpad(self, full: torch.Tensor, ctx: "LayoutContext") -> torch.Tensor:
+        """The full Megatron tensor without Megatron's padding (the padded vocabulary rows)."""
+        return full
+
     def shard(self, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
         if self.tp_dim is None or size == 1:
             return full
@@ -124,7 +128,10 @@ class VocabRows(Row):
         return torch.cat([tensor, tensor.new_zeros((pad,) + tuple(tensor.shape[1:]))], dim=0)
 
     def to_hf(self, full, ctx):
-        return [full[: ctx.vocab_size]]
+        return [self.unpad(full, ctx)]
+
+    def unpad(self, full, ctx):
+        return full[: ctx.vocab_size]
 
 
 @dataclass(frozen=True)
@@ -218,9 +225,6 @@ class LayoutContext:
 # Tables
 
 
-_GROUPED_EXPERT = re.compile(r"\.mlp\.experts\.linear_fc(\d)\.weight(\d+)$")
-
-
 @dataclass(frozen=True)
 class Binding:
     """One row bound to concrete indices: a Megatron tensor and the HF tensors it is made of."""
@@ -281,7 +285,7 @@ class MappingTable:
         return out
 
     def bind(self, canonical_name: str) -> Binding:
-        """The row for a Megatron tensor name with GLOBAL layer and expert indices (see `canonical`)."""
+        """The row for a Megatron tensor name with GLOBAL layer and expert indices (see models/names.py)."""
         for row, pattern in self._index.values():
             match = pattern.match(canonical_name)
             if match:
@@ -290,8 +294,3 @@ class MappingTable:
                 expert = int(groups["expert"]) if groups.get("expert") is not None else None
                 return Binding(row, layer, expert)
         raise KeyError(f"no mapping row for Megatron tensor {canonical_name!r} ({self.args.family})")
-
-
-def canonical(name: str) -> str:
-    """Grouped-GEMM expert names (linear_fc1.weight<k>) in the SequentialMLP form (local_experts.<k>...)."""
-    return _GROUPED_EXPERT.sub(r".mlp.experts.local_experts.\2.linear_fc\1.weight", name)

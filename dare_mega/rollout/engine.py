@@ -70,6 +70,7 @@ class NativeEngine:
 
         from dare_mega.models.builder import load_model_args, mapping_for
         from dare_mega.models.hf_loader import check_hf_checkpoint
+        from dare_mega.models.weight_mapping import LayoutContext
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if os.path.exists(os.path.join(path, "dare_mega.json")):
@@ -79,12 +80,10 @@ class NativeEngine:
             table = mapping_for(args)
             model = InferenceModel(args, dtype, device)
             reader = TorchDistReader(path)
+            ctx = LayoutContext.of(args)
             for binding in table.bindings():
                 key, expert = key_for_canonical(binding.megatron_name)
-                full = reader.read(key, expert)
-                if binding.megatron_name.endswith("word_embeddings.weight") or binding.megatron_name == "output_layer.weight":
-                    full = full[: args.vocab_size]
-                model.set_full(binding.megatron_name, full)
+                model.set_full(binding.megatron_name, binding.row.unpad(reader.read(key, expert), ctx))
             assets = os.path.join(path, ASSETS_DIR)
         else:
             args = load_model_args(path)

@@ -21,12 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dare_mega.models import ops
+from dare_mega.models import names, ops
 from dare_mega.models.args import ModelArgs
 from dare_mega.models.family import require_features
 from dare_mega.models.weight_mapping import LayoutContext, MappingTable
-
-_EXPERT = "decoder.layers.{layer}.mlp.experts.local_experts.{expert}.linear_fc{n}.weight"
 
 
 @dataclass
@@ -72,16 +70,14 @@ class InferenceModel(torch.nn.Module):
     def set_full(self, name: str, full: torch.Tensor) -> None:
         """Store a full Megatron tensor under its canonical name; experts go into their layer's stack."""
         full = full.to(self.device, torch.float32 if name.endswith("expert_bias") else self.dtype)
-        if ".local_experts." in name:
-            prefix, rest = name.split(".mlp.experts.local_experts.")
-            expert, tail = rest.split(".", 1)
-            key = f"{prefix}.mlp.experts.{tail}"
+        key, expert = names.split_expert(name)
+        if expert is not None:
             stack = self.weights.get(key)
             if stack is None or stack.shape[1:] != full.shape:
                 stack = torch.zeros((self.args.moe.num_experts,) + tuple(full.shape), dtype=full.dtype,
                                     device=self.device)
                 self.weights[key] = stack
-            stack[int(expert)] = full
+            stack[expert] = full
         else:
             self.weights[name] = full
 
@@ -95,14 +91,8 @@ class InferenceModel(torch.nn.Module):
         return count
 
     def missing(self, table: MappingTable) -> list[str]:
-        names = set()
-        for binding in table.bindings():
-            name = binding.megatron_name
-            if ".local_experts." in name:
-                prefix, rest = name.split(".mlp.experts.local_experts.")
-                name = f"{prefix}.mlp.experts.{rest.split('.', 1)[1]}"
-            names.add(name)
-        return sorted(names - set(self.weights))
+        wanted = {names.split_expert(binding.megatron_name)[0] for binding in table.bindings()}
+        return sorted(wanted - set(self.weights))
 
     def w(self, name: str) -> torch.Tensor:
         return self.weights[name]

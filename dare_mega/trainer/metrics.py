@@ -4,6 +4,29 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+def reduce_sums(values: dict, group=None, device=None) -> dict[str, float]:
+    """Each named value summed over the ranks of `group` (every rank when None), in one all-reduce (float64)."""
+    names = list(values)
+    summed = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=device)
+    dist.all_reduce(summed, group=group)
+    return dict(zip(names, summed.tolist()))
+
+
+@contextmanager
+def timed(times: dict, phase: str):
+    """Adds the seconds the block takes to times[phase]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[phase] = times.get(phase, 0.0) + time.perf_counter() - start
 
 
 class Metrics:

@@ -11,11 +11,9 @@ data-parallel group decode the same requests with the same seeds. Everything ran
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -143,8 +141,16 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     from dare_mega.rewards import CODE_REWARDS, prepare
     from dare_mega.trainer import checkpoint as ckpt
     from dare_mega.trainer.backends import native_rollout, sglang_rollout
-    from dare_mega.trainer.metrics import Metrics
-    from dare_mega.trainer.sft import build_optimizer, ensure_model_dir, preflight, training_meta
+    from dare_mega.trainer.metrics import Metrics, reduce_sums, timed
+    from dare_mega.trainer.setup import (
+        build_optimizer,
+        checkpoint_dir,
+        ensure_model_dir,
+        params_dtype,
+        preflight,
+        resume_path,
+        training_meta,
+    )
     from dare_mega.weight_sync.export import WeightExporter
     from dare_mega.weight_sync.sync import WeightSync
 
@@ -161,7 +167,7 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         for name in dict.fromkeys(BENCHMARKS[t].reward for t in cfg.eval.tasks if t in BENCHMARKS):
             prepare(name, cfg.reward, log=announce)
     hf_dir = ensure_model_dir(cfg)
-    args, layout = preflight(cfg, hf_dir, int(os.environ.get("WORLD_SIZE", "1")), check_budget=False)
+    args, layout = preflight(cfg, hf_dir, int(os.environ.get("WORLD_SIZE", "1")))
     replay = cfg.algorithm.routing_replay == "rollout"
     if replay and not args.moe:
         raise ConfigError(f"algorithm.routing_replay=rollout: {args.architecture} ({hf_dir}) has no MoE routers to "
@@ -186,8 +192,7 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     if cfg.rollout.prompts_per_step % dp:
         raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} is not divisible by the "
                           f"{dp} data-parallel ranks")
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and env.device.type == "cuda") \
-        else torch.float32
+    dtype = params_dtype(cfg.model.dtype, env.device)
     bias_rate = 0.0 if cfg.algorithm.freeze_expert_bias else cfg.algorithm.expert_bias_update_rate
     chunks, args = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype, expert_bias_update_rate=bias_rate,
                                                                 routing_replay=replay),
@@ -209,10 +214,9 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
                          check=check, check_names=[n for b in table.bindings() if b.layer is None for n in b.hf_names])
     weights.sync(0)
 
-    ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
+    ckpt_dir = checkpoint_dir(cfg)
     start = 0
-    path = ckpt.latest(ckpt_dir) if cfg.checkpoint.resume == "auto" else (
-        None if cfg.checkpoint.resume == "none" else cfg.checkpoint.resume)
+    path = resume_path(cfg)
     if path:
         start, _ = ckpt.load(path, chunks, optimizer, scheduler)
         weights.sync(start)
@@ -247,68 +251,70 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         def routing_probe(batch):
             return engine.routed_experts(batch.input_ids, batch.position_ids, batch.mask.dense())
     n = cfg.rollout.n
+    dp_group = ps.get_data_parallel_group()
+    log = (lambda message: print(message, file=sys.stderr, flush=True)) if env.is_main else None
     for step in range(start + 1, cfg.train.steps + 1):
         times = {}
-        clock = time.perf_counter()
-        chosen = random.Random(cfg.train.seed * 1_000_003 + step).sample(range(len(train)), cfg.rollout.prompts_per_step)
-        mine = chosen[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        first = dp_rank * per_rank * n  # this rank's first request in the step's global order
-        requests = [train[i] for i in mine for _ in range(n)]
-        seeds = [cfg.train.seed * 7919 + step * 100_003 + first + k for k in range(len(requests))]
-        completions = engine.generate([r["prompt"] for r in requests], sampling(cfg, seeds), cache=cfg.rollout.cache)
-        times["rollout"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        log = (lambda message: print(message, file=sys.stderr, flush=True)) if env.is_main else None
-        scored = step_rewards(completions, requests, cfg, log, env.device)
-        rewards = scored[:, 0].clone()
-        advantages = group_advantages(rewards, [k // n for k in range(len(requests))], a.advantage, a.std_normalize,
-                                      std=a.std, group_of_one=a.group_of_one)
-        times["reward"] = time.perf_counter() - clock
+        with timed(times, "rollout"):  # this rank's whole groups, seeded by their global index
+            chosen = random.Random(cfg.train.seed * 1_000_003 + step).sample(range(len(train)),
+                                                                           cfg.rollout.prompts_per_step)
+            mine = chosen[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+            first = dp_rank * per_rank * n  # this rank's first request in the step's global order
+            requests = [train[i] for i in mine for _ in range(n)]
+            seeds = [cfg.train.seed * 7919 + step * 100_003 + first + k for k in range(len(requests))]
+            completions = engine.generate([r["prompt"] for r in requests], sampling(cfg, seeds),
+                                          cache=cfg.rollout.cache)
+        with timed(times, "reward"):  # scores, then group advantages
+            scored = step_rewards(completions, requests, cfg, log, env.device)
+            rewards = scored[:, 0].clone()
+            advantages = group_advantages(rewards, [k // n for k in range(len(requests))], a.advantage,
+                                          a.std_normalize, std=a.std, group_of_one=a.group_of_one)
         samples = [Sample(c.prompt_ids, c.generated_ids, c.generated_reveal_steps, c.block_size,
                           c.generated_logprobs, float(adv)) for c, adv in zip(completions, advantages)]
-        totals = torch.tensor([len(samples), sum(s.length for s in samples), float(rewards.sum()),
-                               float((rewards ** 2).sum()), float(sum(len(c.completion_ids) for c in completions)),
-                               *scored[:, 1:].sum(0).tolist()], dtype=torch.float64, device=env.device)
-        dist.all_reduce(totals, group=ps.get_data_parallel_group())
-        clock = time.perf_counter()
+        passed, tests, timeouts = scored[:, 1:].sum(0).tolist()
+        totals = reduce_sums({"samples": len(samples), "tokens": sum(s.length for s in samples),
+                              "reward": float(rewards.sum()), "reward_sq": float((rewards ** 2).sum()),
+                              "completion_tokens": float(sum(len(c.completion_ids) for c in completions)),
+                              "tests_passed": passed, "tests": tests, "timeouts": timeouts}, dp_group, env.device)
+
         def noise(epoch, step=step, first=first, count=len(samples)):  # per sample, per epoch: any layout alike
             return [torch.Generator().manual_seed(cfg.train.seed * 104_729 + step * 100_003 + first + k
                                                   + epoch * EPOCH_SEED_STRIDE) for k in range(count)]
 
         lr = optimizer.param_groups[0]["lr"]
-        stats = policy_update(runner, optimizer, estimator, samples, noise, loss_cfg,
-                              Totals(int(totals[0]), int(totals[1])), cfg.train.micro_batch_size, a.epochs, ref_runner,
-                              sp_multiple=layout.tp if layout.sp else 1, temperature=likelihood_temperature(cfg),
-                              engine_routing=routing_probe, pack_tokens=cfg.train.pack_tokens or None,
-                              replay=replay, log_mismatch=a.log_router_mismatch)
-        scheduler.step(1)
+        with timed(times, "update"):  # the old/ref passes ("logprob") and the optimizer steps
+            stats = policy_update(runner, optimizer, estimator, samples, noise, loss_cfg,
+                                  Totals(int(totals["samples"]), int(totals["tokens"])), cfg.train.micro_batch_size,
+                                  a.epochs, ref_runner, sp_multiple=layout.tp if layout.sp else 1,
+                                  temperature=likelihood_temperature(cfg), engine_routing=routing_probe,
+                                  pack_tokens=cfg.train.pack_tokens or None, replay=replay,
+                                  log_mismatch=a.log_router_mismatch)
+            scheduler.step(1)
         times["logprob"] = stats["seconds_logprob"]
-        times["update"] = time.perf_counter() - clock - times["logprob"]
-        clock = time.perf_counter()
-        weights.sync(step)
-        times["weight_refresh"] = time.perf_counter() - clock
-        local = torch.tensor([stats["loss"], stats["clipped"], stats["units"], stats["kl"], stats["rollout_gap"],
-                              stats["tis_tokens"], stats["tis_truncated"]], dtype=torch.float64, device=env.device)
-        dist.all_reduce(local, group=ps.get_data_parallel_group())
+        times["update"] -= times["logprob"]
+        with timed(times, "weight_refresh"):  # the engine gets version `step`
+            weights.sync(step)
+        local = reduce_sums({k: stats[k] for k in ("loss", "clipped", "units", "kl", "rollout_gap", "tis_tokens",
+                                                  "tis_truncated")}, dp_group, env.device)
         # routing counts: every rank counts its own tokens and layers (DP rows, SP slices, PP stages)
-        router = torch.tensor([stats.get("router_differ", 0), stats.get("router_tokens", 0)], dtype=torch.float64,
-                              device=env.device)
-        dist.all_reduce(router)
-        count, mean = totals[0].item(), totals[2].item() / totals[0].item()
+        router = reduce_sums({"differ": stats.get("router_differ", 0), "tokens": stats.get("router_tokens", 0)},
+                             None, env.device)
+        count, mean = totals["samples"], totals["reward"] / totals["samples"]
         seconds = sum(times.values())
         record = {
-            "step": step, "loss": local[0].item(), "lr": lr, "grad_norm": stats["grad_norm"],
-            "reward_mean": mean, "reward_std": max(totals[3].item() / count - mean**2, 0.0) ** 0.5,
-            "accuracy": mean if not set(reward_names) & set(CODE_REWARDS) else None, "response_length": totals[4].item() / count,
-            "tests_passed": totals[5].item() / totals[6].item() if totals[6].item() else None,
-            "reward_timeouts": totals[7].item() / count,
-            "clip_fraction": local[1].item() / max(local[2].item(), 1), "kl": local[3].item() / count,
-            "rollout_train_gap": local[4].item() / max(local[5].item(), 1),
-            "tis_truncated": local[6].item() / max(local[5].item(), 1),
-            "router_mismatch": router[0].item() / router[1].item() if router[1].item() else None,
-            "padding": stats["padding"], "tokens_per_s": totals[4].item() / seconds, "seconds": seconds,
+            "step": step, "loss": local["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
+            "reward_mean": mean, "reward_std": max(totals["reward_sq"] / count - mean**2, 0.0) ** 0.5,
+            "accuracy": mean if not set(reward_names) & set(CODE_REWARDS) else None,
+            "response_length": totals["completion_tokens"] / count,
+            "tests_passed": totals["tests_passed"] / totals["tests"] if totals["tests"] else None,
+            "reward_timeouts": totals["timeouts"] / count,
+            "clip_fraction": local["clipped"] / max(local["units"], 1), "kl": local["kl"] / count,
+            "rollout_train_gap": local["rollout_gap"] / max(local["tis_tokens"], 1),
+            "tis_truncated": local["tis_truncated"] / max(local["tis_tokens"], 1),
+            "router_mismatch": router["differ"] / router["tokens"] if router["tokens"] else None,
+            "padding": stats["padding"], "tokens_per_s": totals["completion_tokens"] / seconds, "seconds": seconds,
             "weight_version": step,
-            **{f"time_{k}": v for k, v in times.items()},
+            **{f"time_{k}": times[k] for k in ("rollout", "reward", "logprob", "update", "weight_refresh")},
         }
         if cfg.eval.every and step % cfg.eval.every == 0:
             record.update({f"heldout_{k}": v for k, v in evaluate(engine, heldout, cfg).items()})
@@ -331,14 +337,10 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dare_mega.trainer.rl", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config")
-    p.add_argument("--resume")
-    p.add_argument("overrides", nargs="*")
-    options = p.parse_args(argv)
-    overrides = list(options.overrides) + ([f"checkpoint.resume={options.resume}"] if options.resume else [])
-    return exit_status(lambda: run(load_config(RLConfig, options.config, overrides)))
+    from dare_mega.trainer.setup import parse_args
+
+    path, overrides = parse_args("python -m dare_mega.trainer.rl", __doc__, argv)
+    return exit_status(lambda: run(load_config(RLConfig, path, overrides)))
 
 
 if __name__ == "__main__":
