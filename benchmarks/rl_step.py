@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -77,11 +76,8 @@ def main() -> None:
     p.add_argument("--out", help="where the result goes (default benchmarks/results/rl_step-<device>.json)")
     args = p.parse_args()
 
-    import torch
-
     from dare_mega.checkpoint.tiny import make_tiny_checkpoint
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
     with tempfile.TemporaryDirectory() as workdir:
         hf = os.path.join(workdir, "model")
@@ -95,16 +91,11 @@ def main() -> None:
     if {"cached+packed", "nocache+padded"} <= results.keys():
         speedup = results["nocache+padded"]["step_s"] / results["cached+packed"]["step_s"]
         print(f"end-to-end speedup, cached+packed over nocache+padded: {speedup:.2f}x")
-    out = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'x86_64'}, "
-           f"{args.threads} threads)", "model": {k: model_config()[k] for k in ("hidden_size", "num_hidden_layers",
-           "num_experts", "num_experts_per_tok", "block_size")}, "settings": vars(args), "variants": results,
-           "speedup_end_to_end": speedup}
-    path = args.out or os.path.join(REPO, "benchmarks", "results", f"rl_step-{device}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {path}")
+    from _results import device_name, write_result
 
+    write_result("rl_step", {"device": device_name(args.threads), "model": {k: model_config()[k] for k in (
+        "hidden_size", "num_hidden_layers", "num_experts", "num_experts_per_tok", "block_size")},
+        "settings": vars(args), "variants": results, "speedup_end_to_end": speedup}, args.out)
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -56,9 +55,6 @@ def main() -> None:
     p.add_argument("--out", help="where the result goes (default benchmarks/results/routing_replay-<device>.json)")
     args = p.parse_args()
 
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
     with tempfile.TemporaryDirectory() as workdir:
         init = args.init
@@ -77,15 +73,10 @@ def main() -> None:
             print(f"replay {replay:8s} mismatch mean {r['router_mismatch_mean']:.4%} last {r['router_mismatch_last']:.4%}"
                   f"  gap mean {r['gap_mean']:.5f} first {r['gap_first']:.5f} last {r['gap_last']:.5f}"
                   f"  log-prob phase {r['logprob_s']:.2f} s", flush=True)
-    out = {"device": torch.cuda.get_device_name() if device == "cuda" else
-           f"cpu ({platform.processor() or 'x86_64'}, {args.threads} threads)", "settings": vars(args),
-           "variants": results}
-    path = args.out or os.path.join(REPO, "benchmarks", "results", f"routing_replay-{device}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {path}")
+    from _results import device_name, write_result
 
+    write_result("routing_replay", {"device": device_name(args.threads), "settings": vars(args),
+                                    "variants": results}, args.out)
 
 if __name__ == "__main__":
     main()
