@@ -34,7 +34,7 @@ class Batch:
     loss_weights: torch.Tensor | None = None  # [B, S] float weight per position (0 = not in the loss)
     loss_normalizer: torch.Tensor | None = None  # [B] int: what each row adds to the loss denominator
     # (default: its number of weighted positions); the loss is sum(w * nll) / sum(normalizer), globally
-    experts: dict | None = None  # MoE routing replay: {global layer: [B, S, topk] expert ids}, on the CPU
+    experts: dict | None = None  # MoE routing replay: {global layer: [B, S, topk] expert ids}
 
     @property
     def size(self) -> int:
@@ -62,7 +62,10 @@ class Batch:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = value.to(device) if value is not None and not isinstance(value, dict) else value
+            if isinstance(value, dict):  # replayed experts travel once per micro-batch, not once per layer
+                out[f.name] = {k: v.to(device) for k, v in value.items()}
+            else:
+                out[f.name] = value.to(device) if value is not None else None
         return Batch(**out)
 
     def micro_batches(self, micro_batch_size: int) -> list["Batch"]:
