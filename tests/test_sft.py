@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO, clean_env, free_port, torchrun
 
-from dare_mega.algorithms.sft import document_noise, loss_weights, noise_row, objective, sft_batch
+from dare_mega.algorithms.sft import document_noise, loss_weights, noise_document, objective, sft_batch
 from dare_mega.config import load_config
 from dare_mega.data.sft import PackedLoader, PackedRow, Sample, pack
 from dare_mega.errors import ConfigError
@@ -52,33 +52,46 @@ def _row():
 
 def test_packing_keeps_documents_apart_and_respects_the_budget():
     row = _row()
-    assert len(row.ids) == len(row.positions) == len(row.response) == 24
-    assert row.positions == list(range(12)) + list(range(8)) + list(range(4))  # the leftover is its own sample
-    assert row.response == [False] * 5 + [True] * 7 + [False] * 3 + [True] * 5 + [False] * 4
-    assert row.documents == [(0, 12, 7), (12, 8, 5)]
+    assert row.documents == [(0, 12, 7), (12, 8, 5)] and row.tokens == 20 and row.length == 24
+    batch = sft_batch([row], objective("masked_diffusion", "sdar"), 99, 4, [torch.Generator().manual_seed(0)])
+    assert batch.input_ids.shape == (1, 24)
+    assert batch.labels[0].tolist() == row.samples[0].ids + row.samples[1].ids + [0] * 4
+    # the leftover is its own sample
+    assert batch.position_ids[0].tolist() == list(range(12)) + list(range(8)) + list(range(4))
     samples = [Sample([1] * n, 1, f"s{n}") for n in (10, 10, 30, 5)]
     rows, dropped = pack(samples, budget=20)
-    assert dropped == 1 and all(len(r.ids) == 20 for r in rows) and len(rows) == 2
+    assert dropped == 1 and all(r.length == 20 and r.tokens <= 20 for r in rows) and len(rows) == 2
     with pytest.raises(ConfigError, match="s30: 30 tokens exceed data.token_budget=20"):
         pack(samples, budget=20, overlong="error")
 
 
+def test_first_fit_decreasing_packs_tighter_than_in_order():
+    samples = [Sample([i] * n, 1, f"s{i}") for i, n in enumerate((12, 4, 12, 8, 8))]
+    in_order, _ = pack(samples, budget=20)
+    ffd, _ = pack(samples, budget=20, packing="ffd")
+    assert [[s.source for s in r.samples] for r in in_order] == [["s0", "s1"], ["s2", "s3"], ["s4"]]
+    assert [[s.source for s in r.samples] for r in ffd] == [["s0", "s3"], ["s2", "s4"], ["s1"]]
+    three, _ = pack(samples[:4] + [Sample([9] * 4, 1, "s5")], budget=20, packing="ffd")
+    assert len(three) == 2 and len(pack(samples[:4] + [Sample([9] * 4, 1, "s5")], budget=20)[0]) == 3
+    assert sorted(s.source for r in ffd for s in r.samples) == sorted(s.source for s in samples)
+
+
 def test_loader_deals_equal_counts_and_resumes():
-    rows = [PackedRow([i], [0], [True], [(0, 1, 1)]) for i in range(10)]
+    rows = [PackedRow([Sample([i], 0)], 1) for i in range(10)]
     loaders = [PackedLoader(rows, dp_size=2, dp_rank=r, micro_batches=2, seed=3) for r in range(2)]
     seen = []
     for _ in range(4):  # crosses an epoch: 10 rows, 4 per step
         step = [loader.next_step() for loader in loaders]
         assert all(len(picked) == 2 for picked, _ in step)
         assert [slots for _, slots in step] == [[0, 1], [2, 3]]
-        ids = [r.ids[0] for picked, _ in step for r in picked]
+        ids = [r.samples[0].ids[0] for picked, _ in step for r in picked]
         assert len(set(ids)) == 4
         seen.append(ids)
     assert sorted(seen[0] + seen[1]) != sorted(seen[2] + seen[3]) or seen[0] != seen[2]
     state = loaders[0].state_dict()
     again = PackedLoader(rows, 2, 0, 2, seed=3)
     again.load_state_dict(state)
-    assert [r.ids for r in again.next_step()[0]] == [r.ids for r in loaders[0].next_step()[0]]
+    assert [r.samples for r in again.next_step()[0]] == [r.samples for r in loaders[0].next_step()[0]]
     with pytest.raises(ConfigError, match="cannot give 2 micro-batch"):
         PackedLoader(rows[:3], dp_size=2, dp_rank=0, micro_batches=2, seed=0)
 
@@ -89,21 +102,22 @@ def test_objectives(name):
     obj = objective(name, "sdar")
     counts = []
     for seed in range(200):
-        masked, rate = noise_row(row, obj, torch.Generator().manual_seed(seed))
-        response = torch.tensor(row.response)
-        assert not (masked & ~response).any()  # prompts and pack padding are never masked
-        doc_rate = rate[0].item()
+        generator = torch.Generator().manual_seed(seed)
+        masked, rate = zip(*(noise_document(s, obj, generator) for s in row.samples))
+        assert not any(m[: s.prompt_len].any() for m, s in zip(masked, row.samples))  # prompts are never masked
+        doc_rate = rate[0][0].item()
         if name == "llada2_block":
             assert 0.3 <= doc_rate <= 0.8
         else:
             assert 1e-3 <= doc_rate <= 1.0
-        counts.append(masked.sum().item())
+        counts.append(sum(m.sum().item() for m in masked))
     assert min(counts) < max(counts)
     batch = sft_batch([row], obj, mask_token_id=99, block_size=4, generators=[torch.Generator().manual_seed(0)])
     masked_positions = batch.input_ids[0, :24] == 99
     weights = batch.loss_weights[0]
     if obj.two_stream:
-        assert batch.input_ids.shape == (1, 48) and torch.equal(batch.input_ids[0, 24:], torch.tensor(row.ids))
+        clean = row.samples[0].ids + row.samples[1].ids + [0] * 4  # pack padding is never masked
+        assert batch.input_ids.shape == (1, 48) and batch.input_ids[0, 24:].tolist() == clean
         assert torch.equal(batch.position_ids[0, :24], batch.position_ids[0, 24:])
         assert (weights[24:] == 0).all()
     else:
@@ -170,8 +184,8 @@ def test_no_attention_crosses_packed_documents(tiny_dir, world1):
             return model(batch.input_ids.to(device), batch.position_ids.to(device), batch.mask.to(device)).cpu()
 
     base = logits(row)
-    changed = PackedRow([(t + 3) % 200 if i < 12 else t for i, t in enumerate(row.ids)], row.positions,
-                        row.response, row.documents)
+    first = row.samples[0]
+    changed = PackedRow([Sample([(t + 3) % 200 for t in first.ids], first.prompt_len), row.samples[1]], row.length)
     other = logits(changed)
     second = list(range(12, 20)) + list(range(36, 44))  # the second document in both streams
     assert (base[0, second] - other[0, second]).abs().max().item() == 0.0
@@ -190,6 +204,8 @@ def test_config_errors(tmp_path):
         load_config(SFTConfig, RECIPE, ["optim.lr=fast"])
     with pytest.raises(ConfigError, match=r"loss\.name='magic'"):
         load_config(SFTConfig, RECIPE, ["loss.name=magic"])
+    with pytest.raises(ConfigError, match=r"data\.packing='best'"):
+        load_config(SFTConfig, RECIPE, ["data.packing=best"])
     with pytest.raises(ConfigError, match=r"train\.steps=0 must be >= 1"):
         load_config(SFTConfig, RECIPE, ["train.steps=0"])
     bad = tmp_path / "bad.yaml"
@@ -262,7 +278,7 @@ def test_loss_goes_down_and_layouts_agree(tmp_path):
 
 @pytest.mark.distributed
 def test_crash_and_exact_resume(tmp_path):
-    common = ["train.steps=10", "checkpoint.every=2", "checkpoint.keep=3"]
+    common = ["train.steps=10", "checkpoint.every=2", "checkpoint.keep=3", "data.packing=ffd"]
     straight = sft(1, tmp_path / "straight", *common)
     assert straight.returncode == 0, straight.stderr[-3000:]
     expected = losses(tmp_path / "straight")

@@ -20,81 +20,30 @@ from dataclasses import dataclass
 import torch
 
 from dare_mega.algorithms.estimators import Rows, Sample, Totals, build
+from dare_mega.algorithms.layout import PackedBatch, lay_out
 from dare_mega.algorithms.policy import LossConfig
-from dare_mega.diffusion.masks import packed_position_ids, two_stream_inputs, two_stream_mask
+from dare_mega.data.packing import pack_lengths
 from dare_mega.models.routing import mismatch_counts, record_megatron_routing
 from dare_mega.models.runner import Batch
 
 
-@dataclass
-class RowBatch:
-    """Estimator rows laid out for Megatron: `batch` holds packed rows (several estimator rows per sequence,
-    kept apart by the mask) and `places[i]` = (packed row, offset, length) of estimator row i."""
-
-    batch: Batch
-    places: list[tuple[int, int, int]]
-    width: int  # the longest estimator row
-
-    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """[packed rows, n] (one stream) -> [estimator rows, width], zero past each row's end."""
-        out = packed.new_zeros(len(self.places), self.width)
-        for i, (row, offset, length) in enumerate(self.places):
-            out[i, :length] = packed[row, offset : offset + length]
-        return out
-
-    def pack(self, per_row: torch.Tensor) -> torch.Tensor:
-        """The inverse layout: [estimator rows, width] -> [packed rows, n]."""
-        out = per_row.new_zeros(self.batch.size, self.batch.seq_len // 2)
-        for i, (row, offset, length) in enumerate(self.places):
-            out[row, offset : offset + length] = per_row[i, :length]
-        return out
-
-
 def rows_to_batch(rows: Rows, block_size: int, multiple: int = 1, row_multiple: int = 1,
-                  pack_tokens: int | None = None, at_least: tuple[int, int] = (0, 0)) -> RowBatch:
+                  pack_tokens: int | None = None, at_least: tuple[int, int] = (0, 0)) -> PackedBatch:
     """Lay the rows out in the two-stream layout. With `pack_tokens`, rows are packed first-fit-decreasing
-    into sequences of up to max(pack_tokens, longest row) tokens per stream (each row its own sample, with
+    into sequences of up to max(pack_tokens, longest row) tokens per stream (each row its own piece, with
     positions from 0, so no row sees another); without it each row is one sequence, padded to the longest.
-    Lengths are rounded up to a multiple of `multiple` (sequence parallelism); the padding is a separate
-    sample that nothing attends to. Empty sequences are added up to a multiple of `row_multiple` (Megatron's
-    schedules want equal micro-batches). `at_least` = (sequences, length) pads further, so that every rank
-    runs the same number of micro-batches of one length (expert-parallel all-to-alls span data-parallel ranks)."""
+    Lengths are rounded up to a multiple of `multiple` (sequence parallelism); empty sequences are added up to
+    a multiple of `row_multiple`. `at_least` = (sequences, length) pads further, so that every rank runs the
+    same number of micro-batches of one length (expert-parallel all-to-alls span data-parallel ranks)."""
     lengths = [len(r) for r in rows.clean]
-    width = max(lengths)
-    capacity = max(pack_tokens or 0, width)
-    bins: list[list[int]] = []  # estimator row indices per packed row
-    fill: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]) if pack_tokens else range(len(lengths)):
-        target = next((b for b, used in enumerate(fill) if used + lengths[i] <= capacity), None) if pack_tokens else None
-        if target is None:
-            bins.append([]), fill.append(0)
-            target = len(bins) - 1
-        bins[target].append(i)
-        fill[target] += lengths[i]
-    while len(bins) < at_least[0] or len(bins) % max(1, row_multiple):
-        bins.append([]), fill.append(0)
-    n = max(max(fill), 1, at_least[1])
-    n += -n % max(1, multiple)
-    noisy = torch.zeros(len(bins), n, dtype=torch.long)
-    clean = torch.zeros(len(bins), n, dtype=torch.long)
-    places: list = [None] * len(lengths)
-    for b, members in enumerate(bins):
-        offset = 0
-        for i in members:
-            noisy[b, offset : offset + lengths[i]], clean[b, offset : offset + lengths[i]] = rows.noisy[i], rows.clean[i]
-            places[i] = (b, offset, lengths[i])
-            offset += lengths[i]
-    positions = packed_position_ids([[lengths[i] for i in members] for members in bins], n)
-    input_ids, position_ids = two_stream_inputs(noisy, clean, positions)
-    batch = Batch(input_ids, position_ids, two_stream_mask(positions, block_size), labels=torch.cat([clean, clean], 1),
-                  loss_weights=torch.zeros(len(bins), 2 * n), loss_normalizer=torch.zeros(len(bins), dtype=torch.long))
-    return RowBatch(batch, places, width)
+    bins = pack_lengths(lengths, max(pack_tokens or 0, *lengths), "ffd" if pack_tokens else "none")
+    return lay_out(rows.noisy, rows.clean, bins, block_size, min_length=at_least[1], multiple=multiple,
+                   min_rows=at_least[0], row_multiple=row_multiple)
 
 
-def noisy_log_probs(runner, rows: RowBatch, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+def noisy_log_probs(runner, rows: PackedBatch, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
     """log p(clean token) in each estimator row's noisy stream: [estimator rows, width]."""
-    n = rows.batch.seq_len // 2
-    return rows.unpack(runner.token_log_probs(rows.batch, micro_batch_size, temperature)[:, :n].float().cpu())
+    return rows.unpack(runner.token_log_probs(rows.batch, micro_batch_size, temperature)[:, : rows.stream].float().cpu())
 
 
 def _max_over_ranks(shape: tuple[int, int]) -> tuple[int, int]:
@@ -113,7 +62,7 @@ class Prepared:
     """One epoch's rows, laid out, with what the loss compares against: the old quantities (under the weights
     that sampled), the reference's and the rollout's."""
 
-    laid: RowBatch
+    laid: PackedBatch
     plan: object
     q_old: list
     q_ref: list | None
@@ -132,8 +81,8 @@ def prepare(runner, estimator, samples, generators: list[torch.Generator], cfg: 
     routing stats)."""
     rows, plan = estimator.rows(samples, generators)
     laid = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size, pack_tokens)
-    shape = _max_over_ranks((laid.batch.size, laid.batch.seq_len // 2))
-    if shape != (laid.batch.size, laid.batch.seq_len // 2):
+    shape = _max_over_ranks((laid.batch.size, laid.stream))
+    if shape != (laid.batch.size, laid.stream):
         laid = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size, pack_tokens, shape)
     if replay and engine_routing is None:
         raise ValueError("prepare(replay=True) needs engine_routing: the experts to replay")
@@ -147,7 +96,7 @@ def prepare(runner, estimator, samples, generators: list[torch.Generator], cfg: 
             with record_megatron_routing(runner.chunks) as record:
                 lp = noisy_log_probs(runner, laid, micro_batch_size, temperature)
             counted = torch.zeros(laid.batch.size, laid.batch.seq_len, dtype=torch.bool)  # noisy streams of rows
-            counted[:, : laid.batch.seq_len // 2] = laid.pack(torch.ones(len(laid.places), laid.width)).bool()
+            counted[:, : laid.stream] = laid.pack(torch.ones(len(laid.places), laid.width)).bool()
             differ, total = mismatch_counts(record, engine, counted, micro_batch_size)
             routing.update(router_differ=differ, router_tokens=total)
         else:
@@ -182,11 +131,11 @@ def policy_gradient(runner, estimator, samples, prepared: Prepared, cfg: LossCon
         coef = torch.zeros_like(leaf)
     batch = laid.batch
     surrogate = Batch(batch.input_ids, batch.position_ids, batch.mask, batch.labels,
-                      loss_weights=torch.cat([-laid.pack(coef), torch.zeros(batch.size, batch.seq_len // 2)], dim=1),
+                      loss_weights=torch.cat([-laid.pack(coef), torch.zeros(batch.size, laid.stream)], dim=1),
                       loss_normalizer=torch.zeros(batch.size, dtype=torch.long), experts=batch.experts)
     runner.loss_and_grads(surrogate, micro_batch_size, temperature)
     stats.update(loss=float(loss.detach()), rows=len(laid.places), packed_rows=batch.size,
-                 padding=1.0 - sum(p[2] for p in laid.places) / (batch.size * batch.seq_len // 2))
+                 padding=1.0 - sum(p[2] for p in laid.places) / (batch.size * laid.stream))
     return stats
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dare_mega.data.sft import PackedRow
-from dare_mega.diffusion.masks import inference_mask, two_stream_inputs, two_stream_mask
+from dare_mega.algorithms.layout import lay_out
+from dare_mega.data.sft import PackedRow, Sample
 from dare_mega.models.runner import Batch
 
 
@@ -67,18 +67,13 @@ def document_noise(length: int, eligible: torch.Tensor, t_uniform: float, unifor
     return (uniforms[:length] < p) & eligible, p
 
 
-def noise_row(row: PackedRow, obj: Objective, generator: torch.Generator):
-    """(masked [n] bool, rate [n] float): which response tokens are masked, at which per-document rate."""
-    n = len(row.ids)
-    masked = torch.zeros(n, dtype=torch.bool)
-    rate = torch.ones(n)
-    response = torch.tensor(row.response)
-    for start, length, _ in row.documents:
-        span = slice(start, start + length)
-        t_uniform = float(torch.rand((), generator=generator))
-        masked[span], rate[span] = document_noise(length, response[span], t_uniform,
-                                                  torch.rand(length, generator=generator), obj)
-    return masked, rate
+def noise_document(sample: Sample, obj: Objective, generator: torch.Generator):
+    """(masked [n] bool, rate [n] float) of one document: its response tokens masked at its own rate."""
+    n = len(sample.ids)
+    eligible = torch.arange(n) >= sample.prompt_len
+    t_uniform = float(torch.rand((), generator=generator))
+    masked, p = document_noise(n, eligible, t_uniform, torch.rand(n, generator=generator), obj)
+    return masked, torch.full((n,), p)
 
 
 def loss_weights(masked: torch.Tensor, rate: torch.Tensor, obj: Objective) -> torch.Tensor:
@@ -88,23 +83,21 @@ def loss_weights(masked: torch.Tensor, rate: torch.Tensor, obj: Objective) -> to
 
 def sft_batch(rows: list[PackedRow], obj: Objective, mask_token_id: int, block_size: int,
               generators: list[torch.Generator]) -> Batch:
-    """Noise the rows (row i with generators[i]) and lay them out for the model (two-stream or single)."""
-    clean = torch.tensor([r.ids for r in rows], dtype=torch.long)
-    positions = torch.tensor([r.positions for r in rows], dtype=torch.long)
-    weights, normalizer, noisy_rows = [], [], []
-    for row, ids, generator in zip(rows, clean, generators):
-        masked, rate = noise_row(row, obj, generator)
-        noisy_rows.append(torch.where(masked, torch.full_like(ids, mask_token_id), ids))
-        weights.append(loss_weights(masked, rate, obj))
-        normalizer.append(sum(d[2] for d in row.documents) if obj.per_answer else int(masked.sum()))
-    noisy = torch.stack(noisy_rows)
-    weight = torch.stack(weights)
-    norm = torch.tensor(normalizer, dtype=torch.long)
-    if obj.two_stream:
-        input_ids, position_ids = two_stream_inputs(noisy, clean, positions)
-        return Batch(input_ids, position_ids, two_stream_mask(positions, block_size),
-                     labels=torch.cat([clean, clean], dim=1),
-                     loss_weights=torch.cat([weight, torch.zeros_like(weight)], dim=1), loss_normalizer=norm)
-    # masked diffusion: every document attends to itself bidirectionally (one block as long as the row)
-    return Batch(noisy, positions, inference_mask(positions, clean.shape[1]), labels=clean, loss_weights=weight,
-                 loss_normalizer=norm)
+    """Noise the rows (row i's documents in order with generators[i]) and lay them out for the model
+    (two-stream or single, algorithms/layout.py)."""
+    noisy, clean, weights, bins, normalizer = [], [], [], [], []
+    for row, generator in zip(rows, generators):
+        bins.append([])
+        masked_in_row = 0
+        for sample in row.samples:
+            masked, rate = noise_document(sample, obj, generator)
+            ids = torch.tensor(sample.ids, dtype=torch.long)
+            bins[-1].append(len(clean))
+            clean.append(ids)
+            noisy.append(torch.where(masked, torch.full_like(ids, mask_token_id), ids))
+            weights.append(loss_weights(masked, rate, obj))
+            masked_in_row += int(masked.sum())
+        normalizer.append(sum(s.answer_len for s in row.samples) if obj.per_answer else masked_in_row)
+    length = max(r.length for r in rows)
+    return lay_out(noisy, clean, bins, block_size, weights=weights, normalizer=normalizer, min_length=length,
+                   two_stream=obj.two_stream).batch

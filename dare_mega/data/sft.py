@@ -4,17 +4,18 @@ Each sample is the prompt (the tokenizer's own chat template with the generation
 end-of-turn token, then padding to a multiple of the block size with labels kept on the padding (SDAR and
 LLaDA2 both train the model to fill the tail of its last block with padding: that is how it learns to stop).
 
-Samples are packed in order into rows of exactly `token_budget` tokens; each sample keeps its own positions
-0..n-1 (which is how the attention mask keeps documents apart) and the row's leftover is one padding
-pseudo-document with no loss. Rows are shuffled per epoch with the run's seed; every step deals the same
+Samples are packed into rows of exactly `token_budget` tokens, in order or first-fit decreasing
+(`data.packing`); each sample keeps its own positions 0..n-1 (which is how the attention mask keeps documents
+apart) and the row's leftover is one padding pseudo-document with no loss. Rows are shuffled per epoch with the run's seed; every step deals the same
 number of rows to every data-parallel rank, and the loader's position is part of the checkpoint.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from dare_mega.data.packing import pack_lengths
 from dare_mega.errors import ConfigError
 
 
@@ -31,10 +32,24 @@ class Sample:
 
 @dataclass
 class PackedRow:
-    ids: list[int]
-    positions: list[int]
-    response: list[bool]  # tokens that can be masked and trained on
-    documents: list[tuple[int, int, int]] = field(default_factory=list)  # (start, length, answer length)
+    """Samples packed into one row of `length` tokens: each keeps its own positions 0..n-1 and the leftover
+    is one padding pseudo-document with no loss (laid out by algorithms/layout.py)."""
+
+    samples: list[Sample]
+    length: int
+
+    @property
+    def documents(self) -> list[tuple[int, int, int]]:
+        """(start, length, answer length) of each sample in the row."""
+        out, start = [], 0
+        for s in self.samples:
+            out.append((start, len(s.ids), s.answer_len))
+            start += len(s.ids)
+        return out
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s.ids) for s in self.samples)
 
 
 def tokenize_record(record: dict, tokenizer, data_cfg, block_size: int, pad_id: int, eos_id: int) -> Sample:
@@ -59,43 +74,19 @@ def tokenize_record(record: dict, tokenizer, data_cfg, block_size: int, pad_id: 
     return Sample(ids, len(prompt), source)
 
 
-def pack(samples: list[Sample], budget: int, overlong: str = "drop") -> tuple[list[PackedRow], int]:
-    """Pack in order into rows of `budget` tokens; returns (rows, number of samples dropped as too long)."""
-    rows: list[PackedRow] = []
-    dropped = 0
-    current: list[Sample] = []
-    used = 0
-
-    def close():
-        nonlocal current, used
-        if not current:
-            return
-        row = PackedRow([], [], [], [])
-        for s in current:
-            row.documents.append((len(row.ids), len(s.ids), s.answer_len))
-            row.ids += s.ids
-            row.positions += list(range(len(s.ids)))
-            row.response += [False] * s.prompt_len + [True] * s.answer_len
-        rest = budget - len(row.ids)
-        row.ids += [0] * rest
-        row.positions += list(range(rest))
-        row.response += [False] * rest
-        rows.append(row)
-        current, used = [], 0
-
+def pack(samples: list[Sample], budget: int, overlong: str = "drop",
+         packing: str = "in_order") -> tuple[list[PackedRow], int]:
+    """Pack into rows of `budget` tokens (`packing`: data/packing.py); returns (rows, number of samples dropped
+    as too long)."""
+    kept = []
     for sample in samples:
-        if len(sample.ids) > budget:
-            if overlong == "error":
-                raise ConfigError(f"{sample.source or 'a sample'}: {len(sample.ids)} tokens exceed "
-                                  f"data.token_budget={budget} (or set data.overlong=drop)")
-            dropped += 1
-            continue
-        if used + len(sample.ids) > budget:
-            close()
-        current.append(sample)
-        used += len(sample.ids)
-    close()
-    return rows, dropped
+        if len(sample.ids) <= budget:
+            kept.append(sample)
+        elif overlong == "error":
+            raise ConfigError(f"{sample.source or 'a sample'}: {len(sample.ids)} tokens exceed "
+                              f"data.token_budget={budget} (or set data.overlong=drop)")
+    bins = pack_lengths([len(s.ids) for s in kept], budget, packing)
+    return [PackedRow([kept[i] for i in members], budget) for members in bins], len(samples) - len(kept)
 
 
 class PackedLoader:

@@ -39,6 +39,8 @@ class DataSection:
     messages_key: str = "messages"  # chat records: the last message is the response
     token_budget: int = 256  # tokens per packed micro-batch row (one stream; the two-stream layout doubles it)
     overlong: str = field(default="drop", metadata=choices("drop", "error"))
+    # how samples fill rows (data/packing.py): in order (next fit), or first-fit decreasing (fewer rows)
+    packing: str = field(default="in_order", metadata=choices("in_order", "ffd"))
     shuffle: bool = True
     synthetic_samples: int = 512
 

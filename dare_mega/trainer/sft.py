@@ -61,7 +61,7 @@ def build_data(cfg: SFTConfig, args, hf_dir: str, dp_size: int, dp_rank: int):
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else args.diffusion.eos_token_ids[0]
     samples = [tokenize_record(r, tokenizer, cfg.data, args.diffusion.block_size, args.diffusion.pad_token_id, eos)
                for r in records]
-    rows, dropped = pack(samples, cfg.data.token_budget, cfg.data.overlong)
+    rows, dropped = pack(samples, cfg.data.token_budget, cfg.data.overlong, cfg.data.packing)
     loader = PackedLoader(rows, dp_size, dp_rank, cfg.train.micro_batches, cfg.train.seed, cfg.data.shuffle)
     return loader, {"records": len(records), "rows": len(rows), "dropped_overlong": dropped,
                     "tokens": sum(len(s.ids) for s in samples)}
@@ -120,7 +120,7 @@ def run(cfg: SFTConfig) -> dict:
         loss = runner.loss_and_grads(batch, micro_batch_size=1)
         ok, grad_norm, _ = optimizer.step()
         scheduler.step(1)
-        tokens = torch.tensor([sum(d[1] for r in rows for d in r.documents)], dtype=torch.float64, device=device)
+        tokens = torch.tensor([sum(r.tokens for r in rows)], dtype=torch.float64, device=device)
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
         seconds = time.perf_counter() - started
         last = {"step": step, "loss": loss, "lr": lr,
