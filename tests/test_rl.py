@@ -229,7 +229,7 @@ def verl_rows():
 def test_verl_layout_records_load_with_their_rewards(tmp_path):
     from dare_mega.config import load_config
     from dare_mega.trainer.config import RLConfig
-    from dare_mega.trainer.rl import task_records
+    from dare_mega.trainer.rl_setup import task_records
 
     path = verl_parquet(tmp_path / "train.parquet", verl_rows())
     cfg = load_config(RLConfig, RL_RECIPE, ["task.name=file", f"task.train={path}", "task.heldout=2"])

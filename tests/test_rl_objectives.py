@@ -115,7 +115,7 @@ def test_the_recorded_log_probs_follow_the_likelihood():
     assert torch.allclose(lp_r, torch.log_softmax(logits, -1).gather(-1, t1[:, None])[:, 0])
     from dare_mega.config import load_config
     from dare_mega.trainer.config import RLConfig
-    from dare_mega.trainer.rl import likelihood_temperature
+    from dare_mega.trainer.rl_phases import likelihood_temperature
 
     recipe = "configs/recipes/rl_tiny_sdar_moe.yaml"
     assert likelihood_temperature(load_config(RLConfig, recipe, ["rollout.temperature=0.6"])) == 1.0
