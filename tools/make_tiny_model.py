@@ -19,7 +19,7 @@ from dare_mega.models.family import families
 def main(argv=None) -> int:
     tiny = [p for f in families() for p in f.tiny_presets]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", required=True, help=f"a preset of configs/models/ (tiny ones: {', '.join(tiny)})")
+    parser.add_argument("--preset", required=True, help=f"a preset of configs/models/ or a .json file (tiny ones: {', '.join(tiny)})")
     parser.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")

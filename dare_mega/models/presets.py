@@ -6,6 +6,7 @@ A preset file is an HF config with one extra key, `_preset`, describing where th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from dare_mega.errors import ConfigError
 from dare_mega.paths import MODEL_PRESETS_DIR
@@ -16,6 +17,9 @@ def list_presets() -> list[str]:
 
 
 def preset_file(name: str):
+    """configs/models/<name>.json, or `name` itself when it is the path of a .json file."""
+    if name.endswith(".json") and Path(name).is_file():
+        return Path(name)
     path = MODEL_PRESETS_DIR / f"{name}.json"
     if not path.exists():
         raise ConfigError(f"unknown model preset {name!r} (no {path}); presets: {', '.join(list_presets())}")
