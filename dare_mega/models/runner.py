@@ -172,6 +172,20 @@ class Runner:
         return self._collect(batch, micro_batch_size, lambda mb, out: gather_vocab(out, vocab).float(),
                              (batch.size, batch.seq_len, vocab))
 
+    def logits_at(self, batch: Batch, starts: torch.Tensor, width: int,
+                  micro_batch_size: int | None = None) -> torch.Tensor:
+        """Full-vocabulary float32 logits [B, width, vocab] of positions starts[b] .. starts[b] + width - 1 of each
+        row, on every rank (the window is cut before the vocabulary is gathered: a rollout's current block)."""
+        vocab = self.args.vocab_size
+        size = micro_batch_size or batch.size
+        windows = iter(starts.split(size))
+
+        def window(mb, out):  # micro-batches reach the last stage in order
+            index = next(windows).to(out.device)[:, None] + torch.arange(width, device=out.device)
+            return gather_vocab(out.gather(1, index[..., None].expand(-1, -1, out.shape[-1])), vocab).float()
+
+        return self._collect(batch, size, window, (batch.size, width, vocab))
+
     def token_log_probs(self, batch: Batch, micro_batch_size: int | None = None,
                         temperature: float = 1.0) -> torch.Tensor:
         """log p(labels) [B, S] (float32) on every rank, computed vocab-parallel (at `temperature`)."""

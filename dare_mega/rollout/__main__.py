@@ -1,7 +1,12 @@
-"""Generate with the native block-diffusion engine.
+"""Generate with the native block-diffusion engine, or on Megatron shards at a parallel layout.
 
     python -m dare_mega.rollout --hf DIR --prompt "What is 2+3?" [--policy low_confidence_dynamic]
     python -m dare_mega.rollout --hf DIR --prompts prompts.jsonl --json out.jsonl --seed 0
+    torchrun --nproc-per-node 4 -m dare_mega.rollout --backend megatron --tp 2 --ep 2 --no-cache \
+        --hf DIR --prompts prompts.jsonl --json out.jsonl
+
+With --backend megatron the prompts are dealt to the data-parallel replicas batch by batch (request i keeps
+seed + i, so the tokens do not depend on the layout) and rank 0 writes the JSON in the prompts' order.
 
 Each line of --prompts is {"prompt": "text"} (chat-templated by the checkpoint's tokenizer) or
 {"prompt_ids": [ints]} (works without tokenizer files). --json writes one JSON line per completion with
@@ -41,7 +46,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="requests decoded together")
     p.add_argument("--json", help="write one JSON line per completion here")
     p.add_argument("--device", default=None)
+    p.add_argument("--backend", choices=("native", "megatron"), default="native",
+                   help="megatron: the model's Megatron shards at --tp/--pp/--ep/--etp/--vpp (under torchrun)")
+    for name in ("tp", "pp", "ep"):
+        p.add_argument(f"--{name}", type=int, default=1)
+    p.add_argument("--etp", type=int, default=None)
+    p.add_argument("--vpp", type=int, default=None)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="megatron: parameters' dtype (auto: bfloat16 on GPUs, float32 on CPUs)")
     return p
+
+
+def megatron_engine(args):
+    """The Megatron backend: process groups at the layout, the model from --hf, a MegatronEngine on it."""
+    import torch
+
+    from dare_mega.data.tokenizer import load_tokenizer
+    from dare_mega.models.builder import build_from_hf
+    from dare_mega.models.runner import Runner
+    from dare_mega.models.transformer_config import RuntimeOptions
+    from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
+    from dare_mega.rollout.megatron_engine import MegatronEngine
+
+    layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
+    env = init_distributed()
+    layout.check_world(env.world_size)
+    init_model_parallel(layout, seed=args.seed)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
+    dtype = dtype or (torch.bfloat16 if env.device.type == "cuda" else torch.float32)
+    chunks, model_args = build_from_hf(args.hf, layout, RuntimeOptions(params_dtype=dtype))
+    return MegatronEngine(Runner(chunks, model_args), load_tokenizer(args.hf)), env
 
 
 def read_prompts(args) -> list:
@@ -83,18 +117,26 @@ def main(argv=None) -> int:
             seed=args.seed, block_size=args.block_size, stop=tuple(args.stop),
         )
         params.check()
-        engine = NativeEngine.from_pretrained(args.hf, device=args.device)
+        if args.backend == "megatron":
+            if not args.no_cache:
+                raise DareMegaError("--backend megatron does not implement the block KV cache yet; add --no-cache")
+            engine, env = megatron_engine(args)
+            replicas, replica, is_main = _replicas(), _replica(), env.is_main
+        else:
+            engine, replicas, replica, is_main = NativeEngine.from_pretrained(args.hf, device=args.device), 1, 0, True
         start = time.perf_counter()
         completions, forwards = [], 0
-        out = open(args.json, "w") if args.json else None
-        for first in tqdm(range(0, len(prompts), args.batch_size), desc="rollout", unit="batch",
-                          disable=len(prompts) <= args.batch_size):
-            chunk = prompts[first : first + args.batch_size]
-            seeds = tuple(args.seed + first + i for i in range(len(chunk)))
+        out = open(args.json, "w") if args.json and is_main else None
+        step = args.batch_size * replicas  # each replica decodes batch_size of every round's prompts
+        for first in tqdm(range(0, len(prompts), step), desc="rollout", unit="batch",
+                          disable=len(prompts) <= step or not is_main):
+            mine = range(first + replica * args.batch_size, min(first + (replica + 1) * args.batch_size, len(prompts)))
+            seeds = tuple(args.seed + i for i in mine)
             before = engine.stats["forwards"]
-            batch = engine.generate(chunk, SamplingParams(**{**params.__dict__, "seeds": seeds}),
+            batch = engine.generate([prompts[i] for i in mine], SamplingParams(**{**params.__dict__, "seeds": seeds}),
                                     cache=not args.no_cache)
             forwards += engine.stats["forwards"] - before
+            batch = _gather(batch) if replicas > 1 else batch
             completions += batch
             for c in batch:
                 if out:
@@ -104,6 +146,8 @@ def main(argv=None) -> int:
     except DareMegaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not is_main:
+        return 0
     seconds = time.perf_counter() - start
     tokens = sum(len(c.completion_ids) for c in completions)
     for i, c in enumerate(completions[:8] if args.json else completions):
@@ -112,6 +156,28 @@ def main(argv=None) -> int:
           f"tokens/s, {forwards} batched forwards = {forwards / max(tokens, 1):.3f} forwards per token, "
           f"{'no cache' if args.no_cache else 'block KV cache'}, policy {params.policy}")
     return 0
+
+
+def _replicas() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_world_size()
+
+
+def _replica() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank()
+
+
+def _gather(batch: list) -> list:
+    """Every replica's completions of this round, in replica order (= the prompts' order)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    parts = [None] * ps.get_data_parallel_world_size()
+    dist.all_gather_object(parts, batch, group=ps.get_data_parallel_group())
+    return [c for part in parts for c in part]
 
 
 if __name__ == "__main__":

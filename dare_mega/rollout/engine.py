@@ -16,50 +16,26 @@ whole sequence every step instead (same tokens and log-probs; for checking and b
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 import torch
 
 from dare_mega.data.tokenizer import load_tokenizer
 from dare_mega.errors import ConfigError
+from dare_mega.rollout.decoder import BlockDecoder
 from dare_mega.rollout.model import InferenceModel, KVCache
-from dare_mega.rollout.policies import choose_reveals, sample_block
-from dare_mega.rollout.types import Completion, SamplingParams, prompt_ids
 
 
-@dataclass
-class _Request:
-    index: int
-    prompt: list[int]
-    canvas: torch.Tensor  # prompt, then mask ids, to the end of the last block
-    limit: int  # prompt length + max_new_tokens
-    generator: torch.Generator | None
-    block_start: int = 0
-    step: int = 0
-    initially_masked: int = 0
-    forwards: int = 0
-    logprobs: dict = field(default_factory=dict)  # position -> log-prob at reveal
-    reveal_step: dict = field(default_factory=dict)  # position -> step within its block
-    done: bool = False
-    finish_reason: str = ""
-    end: int = 0  # completion end (exclusive), positions
-    text: str = ""
+class NativeEngine(BlockDecoder):
+    """generate(prompts, params) -> completions with trajectories (rollout/decoder.py), on a plain-PyTorch copy
+    of the model (rollout/model.py) with a block KV cache; load_weights(named tensors, version)."""
 
-
-class NativeEngine:
-    """generate(prompts, params) -> completions with trajectories; load_weights(named tensors, version)."""
+    supports_cache = True
 
     def __init__(self, model: InferenceModel, table, tokenizer=None, device="cpu"):
+        super().__init__(model.args, tokenizer, device)
         self.model = model
-        self.args = model.args
         self.table = table
-        self.tokenizer = tokenizer
-        self.device = torch.device(device)
-        self.weight_version = 0
         self._hf_owner = {name: b for b in table.bindings() for name in b.hf_names}
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
-        self.stats = {"forwards": 0, "tokens": 0, "seconds": 0.0}
 
     # ---- construction and weights ----------------------------------------------------------------------
     @classmethod
@@ -134,53 +110,11 @@ class NativeEngine:
                 self.model.routing_record = None
         return {layer: torch.cat(parts) for layer, parts in out.items()}
 
-    # ---- generation ------------------------------------------------------------------------------------
-    def encode(self, prompts) -> list[list[int]]:
-        return [prompt_ids(p, self.tokenizer) for p in prompts]
-
-    def generate(self, prompts, params: SamplingParams = SamplingParams(), cache: bool = True) -> list[Completion]:
-        params.check()
-        if not prompts:
-            raise ConfigError("generate: the prompt list is empty")
-        prompt_ids = self.encode(prompts)
-        block = params.block_size or self.args.diffusion.block_size
-        steps = params.steps or block
-        mask_id = self.args.diffusion.mask_token_id
-        stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else self.args.diffusion.eos_token_ids)
-        if params.stop and self.tokenizer is None:
-            raise ConfigError("stop strings need a tokenizer")
-        context = self.args.max_position_embeddings
-        requests = []
-        for i, ids in enumerate(prompt_ids):
-            limit = len(ids) + params.max_new_tokens
-            length = -(-limit // block) * block
-            if length > context:
-                raise ConfigError(
-                    f"generate: prompt {i} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} "
-                    f"it needs {length} positions, more than the model's context of {context}"
-                )
-            bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
-            if bad:
-                raise ConfigError(f"generate: prompt {i} has token ids outside the vocabulary: {bad[:5]}")
-            canvas = torch.full((length,), mask_id, dtype=torch.long)
-            canvas[: len(ids)] = torch.tensor(ids, dtype=torch.long)
-            seed = params.seeds[i] if params.seeds else (None if params.seed is None else params.seed + i)
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
-            requests.append(_Request(i, list(ids), canvas, limit, generator))
-        start = time.perf_counter()
-        if cache:
-            self._run_cached(requests, block, steps, stop_ids, params)
-        else:
-            self._run_uncached(requests, block, steps, stop_ids, params)
-        self.stats["seconds"] += time.perf_counter() - start
-        completions = [self._completion(r, block) for r in requests]
-        self.stats["tokens"] += sum(len(c.completion_ids) for c in completions)
-        return completions
-
-    # ---- the two decoding loops ------------------------------------------------------------------------
-    def _start_block(self, r: _Request, start: int, mask_id: int) -> None:
-        r.block_start, r.step = start, 0
-        r.initially_masked = int((r.canvas[start : start + self._block] == mask_id).sum())
+    # ---- the cached decoding loop ----------------------------------------------------------------------
+    def _block_logits(self, tokens, positions, mask, starts, width):
+        logits = self.model(tokens, positions, mask)
+        index = starts.to(logits.device)[:, None] + torch.arange(width, device=logits.device)
+        return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])).cpu()
 
     def _run_cached(self, requests, block, steps, stop_ids, params):
         self._block = block
@@ -224,98 +158,3 @@ class NativeEngine:
             if len(keep) < len(rows):
                 cache = cache.select(torch.tensor(keep, dtype=torch.long, device=dev))
                 active = [active[j] for j in keep]
-
-    def _run_uncached(self, requests, block, steps, stop_ids, params):
-        self._block = block
-        mask_id = self.args.diffusion.mask_token_id
-        for r in requests:
-            self._start_block(r, len(r.prompt) // block * block, mask_id)
-        active = list(range(len(requests)))
-        while active:
-            rows = [requests[i] for i in active]
-            tokens, positions, new_mask = self._prefixes(rows, [r.block_start + block for r in rows], block)
-            logits = self.model(tokens, positions, new_mask)
-            self.stats["forwards"] += 1
-            for j, r in enumerate(rows):
-                r.forwards += 1
-                current = logits[j, r.block_start : r.block_start + block].cpu()
-                self._denoise(r, current, r.canvas[r.block_start : r.block_start + block], steps, params, mask_id)
-                if not (r.canvas[r.block_start : r.block_start + block] == mask_id).any():
-                    self._check_stop(r, block, stop_ids, params)
-                    if not r.done:
-                        self._start_block(r, r.block_start + block, mask_id)
-            active = [i for i in active if not requests[i].done]
-
-    def _prefixes(self, rows, ends: list[int], block: int):
-        """Each row's canvas up to its end, padded to the longest, with the block-causal mask (padding
-        positions attend only to themselves)."""
-        dev = self.device
-        width = max(ends)
-        tokens = torch.stack([torch.nn.functional.pad(r.canvas[:e], (0, width - min(e, r.canvas.numel())))
-                              for r, e in zip(rows, ends)]).to(dev)
-        positions = torch.arange(width, device=dev).expand(len(rows), width)
-        valid = torch.tensor(ends, device=dev)[:, None] > torch.arange(width, device=dev)[None, :]
-        blk = torch.arange(width, device=dev) // block
-        causal = blk[None, :] <= blk[:, None]
-        eye = torch.eye(width, dtype=torch.bool, device=dev)[None]
-        return tokens, positions, (causal[None] & valid[:, None, :] & valid[:, :, None]) | eye
-
-    # ---- per request -----------------------------------------------------------------------------------
-    def _denoise(self, r: _Request, logits: torch.Tensor, block_tokens: torch.Tensor, steps, params, mask_id):
-        masked = block_tokens == mask_id
-        tokens, confidence, logprob, entropy = sample_block(logits, params, r.generator, never=mask_id)
-        reveal = choose_reveals(masked, confidence, entropy, r.step, steps, r.initially_masked, params)
-        for offset in torch.nonzero(reveal)[:, 0].tolist():
-            position = r.block_start + offset
-            r.canvas[position] = tokens[offset]
-            r.logprobs[position] = float(logprob[offset])
-            r.reveal_step[position] = r.step
-        r.step += 1
-
-    def _check_stop(self, r: _Request, block: int, stop_ids: set[int], params) -> None:
-        """After a block is fully decoded: stop token, stop string, or max_new_tokens."""
-        block_end = r.block_start + block
-        start = len(r.prompt)
-        region = r.canvas[start:block_end].tolist()
-        for k, token in enumerate(region):
-            if token in stop_ids and start + k < r.limit:
-                r.done, r.finish_reason, r.end = True, "stop", start + k + 1
-                return
-        if params.stop:
-            upto = min(block_end, r.limit)
-            text = self.tokenizer.decode(r.canvas[start:upto].tolist(), skip_special_tokens=False)
-            hits = [text.find(s) for s in params.stop if s in text]
-            if hits:
-                cut = min(hits)
-                for end in range(start + 1, upto + 1):  # the fewest tokens whose text reaches the stop string
-                    if len(self.tokenizer.decode(r.canvas[start:end].tolist(), skip_special_tokens=False)) > cut:
-                        break
-                r.done, r.finish_reason, r.end, r.text = True, "stop", end, text[:cut]
-                return
-        if block_end >= r.limit:
-            r.done, r.finish_reason, r.end = True, "length", r.limit
-
-    def _completion(self, r: _Request, block: int) -> Completion:
-        start = len(r.prompt)
-        decoded_end = max(r.reveal_step) + 1 if r.reveal_step else start
-        decoded_end = -(-decoded_end // block) * block
-        positions = range(start, r.end)
-        completion = r.canvas[start : r.end].tolist()
-        text = r.text
-        if not text and self.tokenizer is not None:
-            text = self.tokenizer.decode(completion, skip_special_tokens=True)
-        generated = range(start, decoded_end)
-        return Completion(
-            prompt_ids=r.prompt,
-            completion_ids=completion,
-            text=text,
-            finish_reason=r.finish_reason,
-            logprobs=[r.logprobs[p] for p in positions],
-            reveal_steps=[r.reveal_step[p] for p in positions],
-            generated_ids=r.canvas[start:decoded_end].tolist(),
-            generated_logprobs=[r.logprobs[p] for p in generated],
-            generated_reveal_steps=[r.reveal_step[p] for p in generated],
-            block_size=block,
-            forwards=r.forwards,
-            weight_version=self.weight_version,
-        )

@@ -1,6 +1,7 @@
 """Where the RL loop's rollouts run and how weights reach them: `backend(cfg, hf_dir, env) -> (engine, transport)`.
 
 native_rollout   the native engine in each trainer process, refreshed in process (the default)
+megatron_rollout the trainer's own Megatron shards decode (no weight copy, no transport)
 sglang_rollout   running SGLang servers (`sglang.urls`), weights by the colocated / distributed / disk transport
 The Ray launcher passes its own (engine actors, dare_mega/cluster/ray_launch.py).
 """
@@ -20,6 +21,14 @@ def native_rollout(cfg: RLConfig, hf_dir: str, env):
 
     engine = NativeEngine.from_pretrained(hf_dir, device=str(env.device))
     return engine, InProcessTransport(engine)
+
+
+def megatron_rollout(runner, hf_dir: str):
+    """rollout.backend=megatron: decoding on the trainer's runner; every rank of a replica runs it together."""
+    from dare_mega.data.tokenizer import load_tokenizer
+    from dare_mega.rollout.megatron_engine import MegatronEngine
+
+    return MegatronEngine(runner, load_tokenizer(hf_dir))
 
 
 def sglang_rollout(cfg: RLConfig, hf_dir: str, env):

@@ -155,7 +155,9 @@ class RolloutSection:
     top_k: int = 0
     top_p: float = 1.0
     cache: bool = True
-    backend: str = field(default="native", metadata=choices("native", "sglang"))  # sglang: see the sglang section
+    # native: a plain-PyTorch copy per process; megatron: the trainer's own shards (no copy, no sync);
+    # sglang: see the sglang section
+    backend: str = field(default="native", metadata=choices("native", "megatron", "sglang"))
     sync_bucket_mb: int = 512  # weight sync: exported tensors travel in buckets of at most this size
 
 
@@ -248,6 +250,12 @@ class RLConfig:
                 raise ConfigError(f"{source}: {key}={value} must be >= 1")
         if self.train.pack_tokens < 0:
             raise ConfigError(f"{source}: train.pack_tokens={self.train.pack_tokens} must be >= 0 (0: no packing)")
+        if self.rollout.backend == "megatron" and self.rollout.cache:
+            raise ConfigError(f"{source}: rollout.backend=megatron does not implement the block KV cache yet; set "
+                              "rollout.cache=false (each forward recomputes the prefix)")
+        if self.rollout.backend == "megatron" and self.algorithm.routing_replay == "rollout":
+            raise ConfigError(f"{source}: algorithm.routing_replay=rollout with rollout.backend=megatron: the rollout "
+                              "already routes with the trainer's own routers; use routing_replay=off")
         if self.rollout.backend == "sglang" and not self.sglang.urls:
             raise ConfigError(f"{source}: rollout.backend=sglang needs sglang.urls (the servers to use)")
         if self.task.name == "file" and not self.task.train:

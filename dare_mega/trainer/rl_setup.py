@@ -143,11 +143,11 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
     from dare_mega.models.transformer_config import RuntimeOptions
     from dare_mega.parallel import init_distributed, init_model_parallel
     from dare_mega.trainer import checkpoint as ckpt
-    from dare_mega.trainer.backends import native_rollout, sglang_rollout
+    from dare_mega.trainer.backends import megatron_rollout, native_rollout, sglang_rollout
     from dare_mega.trainer.metrics import Metrics
     from dare_mega.trainer.setup import build_optimizer, checkpoint_dir, params_dtype, resume_path, training_meta
     from dare_mega.weight_sync.export import WeightExporter
-    from dare_mega.weight_sync.sync import WeightSync
+    from dare_mega.weight_sync.sync import SharedWeights, WeightSync
 
     inputs = check_inputs(cfg)
     hf_dir, layout, a = inputs.hf_dir, inputs.layout, cfg.algorithm
@@ -173,8 +173,11 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
     runner = Runner(chunks, args)
 
     # the engine and the weights' way to it
-    backend = rollout_backend or (sglang_rollout if cfg.rollout.backend == "sglang" else native_rollout)
-    engine, transport = backend(cfg, hf_dir, env)
+    if cfg.rollout.backend == "megatron" and rollout_backend is None:
+        engine, transport = megatron_rollout(runner, hf_dir), None
+    else:
+        backend = rollout_backend or (sglang_rollout if cfg.rollout.backend == "sglang" else native_rollout)
+        engine, transport = backend(cfg, hf_dir, env)
     if replay and not hasattr(engine, "routed_experts"):
         raise ConfigError(f"algorithm.routing_replay=rollout: the rollout engine ({type(engine).__name__}) cannot "
                           "report its expert choices; use routing_replay=off")
@@ -182,13 +185,17 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
     if (a.log_router_mismatch or replay) and args.moe and hasattr(engine, "routed_experts"):
         def routing_probe(batch):
             return engine.routed_experts(batch.input_ids, batch.position_ids, batch.mask.dense())
-    check = None
-    if cfg.rollout.backend == "sglang" and cfg.sglang.check_weights:
-        from dare_mega.weight_sync.sync import SGLangWeightCheck
+    if transport is None:
+        weights = SharedWeights(engine)
+    else:
+        check = None
+        if cfg.rollout.backend == "sglang" and cfg.sglang.check_weights:
+            from dare_mega.weight_sync.sync import SGLangWeightCheck
 
-        check = SGLangWeightCheck(transport.clients)
-    weights = WeightSync(WeightExporter(chunks, args, table, cfg.rollout.sync_bucket_mb * 1024**2), transport,
-                         check=check, check_names=[n for b in table.bindings() if b.layer is None for n in b.hf_names])
+            check = SGLangWeightCheck(transport.clients)
+        weights = WeightSync(WeightExporter(chunks, args, table, cfg.rollout.sync_bucket_mb * 1024**2), transport,
+                             check=check,
+                             check_names=[n for b in table.bindings() if b.layer is None for n in b.hf_names])
     weights.sync(0)
 
     # resume

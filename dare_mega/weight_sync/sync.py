@@ -77,6 +77,18 @@ class WeightSync:
         return error
 
 
+class SharedWeights:
+    """The engine decodes with the trainer's own weights (rollout.backend=megatron): nothing is copied, a sync
+    only moves the engine's weight version."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def sync(self, version: int) -> dict:
+        self.engine.weight_version = version
+        return {"version": version, "attempts": 0, "seconds": 0.0, "bytes": 0, "buckets": 0, "gb_per_s": 0.0}
+
+
 def _any_rank(flag: bool) -> bool:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag

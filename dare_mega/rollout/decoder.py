@@ -1,0 +1,224 @@
+"""Block-diffusion decoding, whatever runs the model: the per-request state, the uncached loop, the unmasking
+step, stop handling and the completions with their trajectories.
+
+Decoding, per request, on the block grid of the family (from position 0 of the prompt; the prompt's last
+partial block is the head of the first decoded block and stays fixed): up to `steps` forwards of the current
+block, each sampling every position while the policy reveals some masked ones; when the block is full, the
+stop rules are checked and the next block starts. All active requests move together, one forward per
+iteration, each at its own block; finished ones leave the batch.
+
+A backend provides `_block_logits` (the logits of each row's current block, from a forward of its whole
+prefix) and may provide a block KV cache (`supports_cache`, `_run_cached`: rollout/engine.py). Backends whose
+forwards are collectives across replicas (the Megatron backend: expert-parallel all-to-alls) keep replicas in
+step with `_another_forward` and `_idle_forward`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dare_mega.errors import ConfigError
+from dare_mega.rollout.policies import choose_reveals, sample_block
+from dare_mega.rollout.types import Completion, SamplingParams, prompt_ids
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: list[int]
+    canvas: torch.Tensor  # prompt, then mask ids, to the end of the last block
+    limit: int  # prompt length + max_new_tokens
+    generator: torch.Generator | None
+    block_start: int = 0
+    step: int = 0
+    initially_masked: int = 0
+    forwards: int = 0
+    logprobs: dict = field(default_factory=dict)  # position -> log-prob at reveal
+    reveal_step: dict = field(default_factory=dict)  # position -> step within its block
+    done: bool = False
+    finish_reason: str = ""
+    end: int = 0  # completion end (exclusive), positions
+    text: str = ""
+
+
+class BlockDecoder:
+    """generate(prompts, params) -> completions with trajectories. Subclasses set `args` (ModelArgs),
+    `tokenizer`, `device` and `weight_version`, and implement `_block_logits`."""
+
+    supports_cache = False
+
+    def __init__(self, args, tokenizer=None, device="cpu"):
+        self.args = args
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.weight_version = 0
+        self.stats = {"forwards": 0, "tokens": 0, "seconds": 0.0}
+
+    # ---- what a backend provides -----------------------------------------------------------------------
+    def _block_logits(self, tokens, positions, mask, starts: torch.Tensor, width: int) -> torch.Tensor:
+        """tokens / positions [B, S], mask bool [B, S, S] (True = may attend): float32 logits [B, width, vocab]
+        on the CPU of positions starts[b] .. starts[b] + width - 1 of each row."""
+        raise NotImplementedError
+
+    def _run_cached(self, requests, block, steps, stop_ids, params):
+        raise NotImplementedError
+
+    def _another_forward(self, active: bool) -> bool:
+        """Whether the loop runs another forward (this replica has active requests)."""
+        return active
+
+    def _idle_forward(self, block: int) -> None:
+        raise NotImplementedError
+
+    # ---- generation ------------------------------------------------------------------------------------
+    def encode(self, prompts) -> list[list[int]]:
+        return [prompt_ids(p, self.tokenizer) for p in prompts]
+
+    def generate(self, prompts, params: SamplingParams = SamplingParams(), cache: bool = True) -> list[Completion]:
+        params.check()
+        if not prompts:
+            raise ConfigError("generate: the prompt list is empty")
+        if cache and not self.supports_cache:
+            raise ConfigError(f"generate: {type(self).__name__} does not implement the block KV cache yet; decode "
+                              "with cache=False (rollout.cache=false)")
+        prompt_ids = self.encode(prompts)
+        block = params.block_size or self.args.diffusion.block_size
+        steps = params.steps or block
+        mask_id = self.args.diffusion.mask_token_id
+        stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else self.args.diffusion.eos_token_ids)
+        if params.stop and self.tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer")
+        context = self.args.max_position_embeddings
+        requests = []
+        for i, ids in enumerate(prompt_ids):
+            limit = len(ids) + params.max_new_tokens
+            length = -(-limit // block) * block
+            if length > context:
+                raise ConfigError(
+                    f"generate: prompt {i} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} "
+                    f"it needs {length} positions, more than the model's context of {context}"
+                )
+            bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
+            if bad:
+                raise ConfigError(f"generate: prompt {i} has token ids outside the vocabulary: {bad[:5]}")
+            canvas = torch.full((length,), mask_id, dtype=torch.long)
+            canvas[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+            seed = params.seeds[i] if params.seeds else (None if params.seed is None else params.seed + i)
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            requests.append(_Request(i, list(ids), canvas, limit, generator))
+        start = time.perf_counter()
+        if cache:
+            self._run_cached(requests, block, steps, stop_ids, params)
+        else:
+            self._run_uncached(requests, block, steps, stop_ids, params)
+        self.stats["seconds"] += time.perf_counter() - start
+        completions = [self._completion(r, block) for r in requests]
+        self.stats["tokens"] += sum(len(c.completion_ids) for c in completions)
+        return completions
+
+    # ---- the two decoding loops ------------------------------------------------------------------------
+    def _start_block(self, r: _Request, start: int, mask_id: int) -> None:
+        r.block_start, r.step = start, 0
+        r.initially_masked = int((r.canvas[start : start + self._block] == mask_id).sum())
+
+    def _run_uncached(self, requests, block, steps, stop_ids, params):
+        self._block = block
+        mask_id = self.args.diffusion.mask_token_id
+        for r in requests:
+            self._start_block(r, len(r.prompt) // block * block, mask_id)
+        active = list(range(len(requests)))
+        while self._another_forward(bool(active)):
+            if not active:  # this replica is done, others are not: keep their collectives company
+                self._idle_forward(block)
+                continue
+            rows = [requests[i] for i in active]
+            tokens, positions, new_mask = self._prefixes(rows, [r.block_start + block for r in rows], block)
+            starts = torch.tensor([r.block_start for r in rows])
+            logits = self._block_logits(tokens, positions, new_mask, starts, block)
+            self.stats["forwards"] += 1
+            for j, r in enumerate(rows):
+                r.forwards += 1
+                current = logits[j]
+                self._denoise(r, current, r.canvas[r.block_start : r.block_start + block], steps, params, mask_id)
+                if not (r.canvas[r.block_start : r.block_start + block] == mask_id).any():
+                    self._check_stop(r, block, stop_ids, params)
+                    if not r.done:
+                        self._start_block(r, r.block_start + block, mask_id)
+            active = [i for i in active if not requests[i].done]
+
+    def _prefixes(self, rows, ends: list[int], block: int):
+        """Each row's canvas up to its end, padded to the longest, with the block-causal mask (padding
+        positions attend only to themselves)."""
+        dev = self.device
+        width = max(ends)
+        tokens = torch.stack([torch.nn.functional.pad(r.canvas[:e], (0, width - min(e, r.canvas.numel())))
+                              for r, e in zip(rows, ends)]).to(dev)
+        positions = torch.arange(width, device=dev).expand(len(rows), width)
+        valid = torch.tensor(ends, device=dev)[:, None] > torch.arange(width, device=dev)[None, :]
+        blk = torch.arange(width, device=dev) // block
+        causal = blk[None, :] <= blk[:, None]
+        eye = torch.eye(width, dtype=torch.bool, device=dev)[None]
+        return tokens, positions, (causal[None] & valid[:, None, :] & valid[:, :, None]) | eye
+
+    # ---- per request -----------------------------------------------------------------------------------
+    def _denoise(self, r: _Request, logits: torch.Tensor, block_tokens: torch.Tensor, steps, params, mask_id):
+        masked = block_tokens == mask_id
+        tokens, confidence, logprob, entropy = sample_block(logits, params, r.generator, never=mask_id)
+        reveal = choose_reveals(masked, confidence, entropy, r.step, steps, r.initially_masked, params)
+        for offset in torch.nonzero(reveal)[:, 0].tolist():
+            position = r.block_start + offset
+            r.canvas[position] = tokens[offset]
+            r.logprobs[position] = float(logprob[offset])
+            r.reveal_step[position] = r.step
+        r.step += 1
+
+    def _check_stop(self, r: _Request, block: int, stop_ids: set[int], params) -> None:
+        """After a block is fully decoded: stop token, stop string, or max_new_tokens."""
+        block_end = r.block_start + block
+        start = len(r.prompt)
+        region = r.canvas[start:block_end].tolist()
+        for k, token in enumerate(region):
+            if token in stop_ids and start + k < r.limit:
+                r.done, r.finish_reason, r.end = True, "stop", start + k + 1
+                return
+        if params.stop:
+            upto = min(block_end, r.limit)
+            text = self.tokenizer.decode(r.canvas[start:upto].tolist(), skip_special_tokens=False)
+            hits = [text.find(s) for s in params.stop if s in text]
+            if hits:
+                cut = min(hits)
+                for end in range(start + 1, upto + 1):  # the fewest tokens whose text reaches the stop string
+                    if len(self.tokenizer.decode(r.canvas[start:end].tolist(), skip_special_tokens=False)) > cut:
+                        break
+                r.done, r.finish_reason, r.end, r.text = True, "stop", end, text[:cut]
+                return
+        if block_end >= r.limit:
+            r.done, r.finish_reason, r.end = True, "length", r.limit
+
+    def _completion(self, r: _Request, block: int) -> Completion:
+        start = len(r.prompt)
+        decoded_end = max(r.reveal_step) + 1 if r.reveal_step else start
+        decoded_end = -(-decoded_end // block) * block
+        positions = range(start, r.end)
+        completion = r.canvas[start : r.end].tolist()
+        text = r.text
+        if not text and self.tokenizer is not None:
+            text = self.tokenizer.decode(completion, skip_special_tokens=True)
+        generated = range(start, decoded_end)
+        return Completion(
+            prompt_ids=r.prompt,
+            completion_ids=completion,
+            text=text,
+            finish_reason=r.finish_reason,
+            logprobs=[r.logprobs[p] for p in positions],
+            reveal_steps=[r.reveal_step[p] for p in positions],
+            generated_ids=r.canvas[start:decoded_end].tolist(),
+            generated_logprobs=[r.logprobs[p] for p in generated],
+            generated_reveal_steps=[r.reveal_step[p] for p in generated],
+            block_size=block,
+            forwards=r.forwards,
+            weight_version=self.weight_version,
+        )

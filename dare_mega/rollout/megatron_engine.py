@@ -1,0 +1,87 @@
+"""Block-diffusion decoding on the trainer's own Megatron model (`rollout.backend=megatron`), at its layout.
+
+The engine holds no weights of its own: each forward goes through the trainer's chunks (models/runner.py,
+Megatron's pipeline schedule, TP with SP, PP with VPP, EP / ETP), so what generated the tokens is exactly what
+the trainer scores, and there is nothing to copy or sync after an update. Every rank of one data-parallel
+replica runs the same decoding loop on the same requests with the same seeds; the logits of each row's current
+block come back, full-vocabulary, to every rank of the replica, so all of them sample the same tokens. Replicas
+decode their own requests; because expert-parallel all-to-alls span replicas, all ranks run each forward
+together (one all-reduce per forward says whether any replica still decodes, and a replica that is done runs
+a one-row forward meanwhile).
+
+Not yet implemented: the block KV cache (each forward recomputes the prefix; `cache=True` is refused).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dare_mega.models.runner import Batch, Runner
+from dare_mega.rollout.decoder import BlockDecoder
+
+
+class MegatronEngine(BlockDecoder):
+    """generate(prompts, params, cache=False) on `runner`'s chunks; every rank calls it with its replica's
+    prompts (the same on every tensor / pipeline rank of a replica)."""
+
+    def __init__(self, runner: Runner, tokenizer=None, micro_batches: int | None = None):
+        """`micro_batches`: how many micro-batches each forward's rows are split into (default: the number of
+        pipeline stages, so that stages work on different rows at once)."""
+        from megatron.core import parallel_state as ps
+
+        super().__init__(runner.args, tokenizer, next(runner.chunks[0].parameters()).device)
+        self.runner = runner
+        self.micro_batches = micro_batches or ps.get_pipeline_model_parallel_world_size()
+        self.tp = ps.get_tensor_model_parallel_world_size()
+        self.sequence_parallel = runner.config.sequence_parallel
+
+    def generate(self, prompts, params=None, cache: bool = False):
+        """As BlockDecoder.generate; a replica with no prompts this round (`[]`) still runs its share of the
+        other replicas' forwards and returns []."""
+        from dare_mega.rollout.types import SamplingParams
+
+        params = params or SamplingParams()
+        if not prompts:
+            params.check()
+            while self._another_forward(False):
+                self._idle_forward(params.block_size or self.args.diffusion.block_size)
+            return []
+        return super().generate(prompts, params, cache)
+
+    def _block_logits(self, tokens, positions, mask, starts, width):
+        rows, length = tokens.shape
+        micro = max(1, min(self.micro_batches, rows))
+        extra_rows = -rows % micro
+        extra_len = -length % self.tp if self.sequence_parallel else 0
+        if extra_rows or extra_len:  # padding rows and positions that attend only to themselves
+            tokens, positions, mask = _pad(tokens, positions, mask, extra_rows, extra_len)
+            starts = torch.cat([starts, torch.zeros(extra_rows, dtype=starts.dtype)])
+        batch = Batch(tokens, positions, mask[:, None])
+        logits = self.runner.logits_at(batch, starts, width, micro_batch_size=tokens.shape[0] // micro)
+        return logits[:rows].cpu()
+
+    def _another_forward(self, active: bool) -> bool:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return active
+        flag = torch.tensor([int(active)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _idle_forward(self, block: int) -> None:
+        tokens = torch.full((1, block), self.args.diffusion.mask_token_id, dtype=torch.long)
+        positions = torch.arange(block)[None]
+        mask = torch.ones(1, block, block, dtype=torch.bool)
+        self._block_logits(tokens, positions, mask, torch.zeros(1, dtype=torch.long), block)
+
+
+def _pad(tokens, positions, mask, extra_rows: int, extra_len: int):
+    rows, length = tokens.shape
+    total_rows, total_len = rows + extra_rows, length + extra_len
+    new_tokens = torch.zeros(total_rows, total_len, dtype=tokens.dtype, device=tokens.device)
+    new_tokens[:rows, :length] = tokens
+    new_positions = torch.arange(total_len, device=positions.device).expand(total_rows, total_len).clone()
+    new_positions[:rows, :length] = positions
+    new_mask = torch.eye(total_len, dtype=torch.bool, device=mask.device).expand(total_rows, -1, -1).clone()
+    new_mask[:rows, :length, :length] = mask
+    return new_tokens, new_positions, new_mask

@@ -1,0 +1,49 @@
+"""Decodes with the Megatron rollout backend at one layout (under torchrun) and writes the completions (rank 0).
+
+Spec: {"cases": [{"hf": dir, "layout": {...ParallelLayout fields}, "params": [SamplingParams fields, ...]}],
+"prompts": [[ids], ...]}. Prompt i keeps seed 1000 + i; replica r decodes prompts r, r + dp, ... (uneven
+shares, so that replicas finish at different forwards).
+"""
+
+import json
+import sys
+
+from _common import finish
+
+
+def main():
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from dare_mega.models.builder import build_from_hf
+    from dare_mega.models.runner import Runner
+    from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
+    from dare_mega.rollout.megatron_engine import MegatronEngine
+    from dare_mega.rollout.types import SamplingParams
+
+    spec = json.load(open(sys.argv[1]))
+    prompts = spec["prompts"]
+    env = init_distributed()
+    results = []
+    for case in spec["cases"]:
+        layout = ParallelLayout(**case["layout"])
+        init_model_parallel(layout, seed=0)
+        chunks, args = build_from_hf(case["hf"], layout)
+        engine = MegatronEngine(Runner(chunks, args))
+        dp, replica = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        mine = list(range(replica, len(prompts), dp))
+        for fields in case["params"]:
+            params = SamplingParams(**{**fields, "seeds": tuple(1000 + i for i in mine)})
+            completions = engine.generate([prompts[i] for i in mine], params, cache=False)
+            shares = [None] * dp
+            dist.all_gather_object(shares, [(i, c.to_dict()) for i, c in zip(mine, completions)],
+                                   group=ps.get_data_parallel_group())
+            ordered = sorted((pair for share in shares for pair in share), key=lambda pair: pair[0])
+            results.append({"hf": case["hf"], "layout": case["layout"], "params": fields,
+                            "completions": [c for _, c in ordered], "forwards": engine.stats["forwards"]})
+        ps.destroy_model_parallel()
+    finish(env, sys.argv[2], results)
+
+
+if __name__ == "__main__":
+    main()
