@@ -70,3 +70,38 @@ def test_tensor_expert_and_data_parallel_match_the_native_engine(tiny_dir, tmp_p
     cases = [{"hf": tiny_dir["sdar"], "layout": {"tp": 2}, "params": PARAMS}]
     cases += [{"hf": tiny_dir[f], "layout": {"tp": 2, "ep": 2}, "params": PARAMS} for f in ("sdar_moe", "llada2_moe")]
     check_against_native(decode(tmp_path, 4, cases), tiny_dir)
+
+
+@pytest.mark.distributed
+def test_the_cli_writes_what_the_native_cli_writes(tiny_dir, tmp_path):
+    """`torchrun -m dare_mega.rollout --backend megatron` at EP=2 (two replicas; batches of 2 over 5 prompts,
+    so one replica has nothing in the last round) writes the native CLI's JSON lines, in the prompts' order."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, clean_env
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
+    common = ["--hf", tiny_dir["sdar_moe"], "--prompts", str(prompts), "--max-new-tokens", "8", "--batch-size", "2",
+              "--temperature", "1.0", "--seed", "3", "--no-cache"]
+    proc = torchrun(2, ["-m", "dare_mega.rollout", "--backend", "megatron", "--ep", "2", *common,
+                        "--json", str(tmp_path / "megatron.jsonl")])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "summary: 5 completions" in proc.stdout
+    native = subprocess.run([sys.executable, "-m", "dare_mega.rollout", *common, "--json", str(tmp_path / "native.jsonl")],
+                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert native.returncode == 0, native.stderr[-3000:]
+    ours, theirs = ([json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+                    for n in ("megatron", "native"))
+    assert len(ours) == len(theirs) == len(PROMPTS)
+    for a, b in zip(ours, theirs):
+        assert set(a) == set(b)
+        for key in a:
+            if key.endswith("logprobs"):
+                assert max(abs(x - y) for x, y in zip(a[key], b[key])) <= 1e-5
+            else:
+                assert a[key] == b[key], key
+    refused = subprocess.run([sys.executable, "-m", "dare_mega.rollout", "--backend", "megatron", *common[:-1]],
+                             cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "add --no-cache" in refused.stderr, refused.stderr[-2000:]

@@ -75,7 +75,8 @@ def rl(nproc: int, run_dir, *overrides, timeout=900):
 def test_one_step_agrees_across_layouts(example_run, tmp_path):
     """One RL step (rollout, rewards, trajectory estimator, update) at TP=2 x EP=2 (sequence parallel) on 4
     processes, with routing replay on, equals the same step on one process: the loss, the gradient norm and every
-    updated weight; the one-process step without replay agrees too (here the fp32 engine and Megatron choose the
+    updated weight; the one-process step without replay agrees too, and so does the step at TP=2 x EP=2 whose
+    rollouts run on the trainer's own Megatron shards (here the fp32 engine and Megatron choose the
     same experts, so replaying them is the identity). Adam with eps=1 makes the first update smooth in the
     gradient, so the weights compare the gradients, not only their signs."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -88,17 +89,23 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
               "task.heldout=4", "eval.samples=1", "optim.lr=0.5", "optim.eps=1.0", "checkpoint.every=1",
               "train.micro_batch_size=1", "train.pack_tokens=64"]
     replay = "algorithm.routing_replay=rollout"
-    runs = {"tp1": (1, [replay]), "tp2ep2": (4, ["parallel.tp=2", "parallel.ep=2", replay]), "tp1_free": (1, [])}
+    megatron = ["rollout.backend=megatron", "rollout.cache=false"]
+    runs = {"tp1": (1, [replay]), "tp2ep2": (4, ["parallel.tp=2", "parallel.ep=2", replay]), "tp1_free": (1, []),
+            "tp2ep2_megatron": (4, ["parallel.tp=2", "parallel.ep=2", *megatron])}
     said = {}
     for name, (nproc, layout) in runs.items():
         proc = rl(nproc, tmp_path / name, *common, *layout)
         assert proc.returncode == 0, proc.stderr[-6000:]
         said[name] = proc.stdout
-    one, four, free = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()][0]
-                       for n in runs)
+    one, four, free, shards = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()][0]
+                               for n in runs)
     assert one["reward_std"] > 0 and one["grad_norm"] > 0  # the step learns something
     assert free["router_mismatch"] == 0.0  # without replay the routers already agree, so all three must
-    for other in (four, free):
+    # rollouts on the trainer's own shards (rollout.backend=megatron) sample the native engine's tokens, and the
+    # trainer scores exactly what generated them
+    assert shards["rollout_train_gap"] < 1e-6 and shards["router_mismatch"] is None
+    assert "rollouts on MegatronEngine" in said["tp2ep2_megatron"]
+    for other in (four, free, shards):
         assert one["reward_mean"] == other["reward_mean"] and one["response_length"] == other["response_length"]
         assert abs(one["loss"] - other["loss"]) <= 1e-5 * max(1.0, abs(one["loss"]))
         assert abs(one["grad_norm"] - other["grad_norm"]) <= 1e-5 * max(1.0, one["grad_norm"])
@@ -142,6 +149,19 @@ def test_unknown_algorithm_and_reward(tmp_path):
     assert proc.returncode == 2 and "no MoE routers to replay" in proc.stderr, proc.stderr[-2000:]
     proc = run_cli(tmp_path, "task.reward=bleu")
     assert proc.returncode == 2 and "reward 'bleu'" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_what_the_megatron_backend_refuses():
+    from dare_mega.config import load_config
+    from dare_mega.errors import ConfigError
+    from dare_mega.trainer.config import RLConfig
+
+    with pytest.raises(ConfigError, match="does not implement the block KV cache yet; set rollout.cache=false"):
+        load_config(RLConfig, RL_RECIPE, ["rollout.backend=megatron"])
+    with pytest.raises(ConfigError, match="already routes with the trainer's own routers"):
+        load_config(RLConfig, RL_RECIPE, ["rollout.backend=megatron", "rollout.cache=false",
+                                          "algorithm.routing_replay=rollout"])
+    assert load_config(RLConfig, RL_RECIPE, ["rollout.backend=megatron", "rollout.cache=false"]).rollout.backend == "megatron"
 
 
 def test_a_raising_reward_is_logged_and_scored_zero():

@@ -146,6 +146,10 @@ def main(argv=None) -> int:
     except DareMegaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.backend == "megatron":
+        from dare_mega.parallel import destroy_distributed
+
+        destroy_distributed()
     if not is_main:
         return 0
     seconds = time.perf_counter() - start
