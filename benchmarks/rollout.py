@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Rollout speed of the native engine: block KV cache vs none, static vs dynamic unmasking; writes JSON.
+"""Rollout speed of the native engine (block KV cache vs none, static vs dynamic unmasking) and of the Megatron
+backend (the trainer's own shards, no cache yet) on the same weights; writes JSON.
 
-    python benchmarks/rollout.py [--train-steps 300] [--new-tokens 256] [--batch 8]
+    python benchmarks/rollout.py [--train-steps 300] [--new-tokens 256] [--batch 8] [--no-megatron]
 
 The model is tiny but not trivial (SDAR-MoE layout: 4 layers, hidden 256, 8 experts). Dynamic decoding only
 saves forwards when the model is confident, so the model is first trained briefly (Megatron, TP=1, the
 block-diffusion loss on the two-stream layout) on a synthetic task it can learn: rows repeating a random
 pattern of 2 to 6 tokens. Then 8 prompts (16 tokens of unseen patterns) are decoded for 256 new tokens with
 block 4 and block 32: no cache vs cache (dynamic, threshold 0.9), and static vs dynamic (cache).
+The Megatron backend decodes the same prompts with the same settings, uncached, at TP=1 in this process.
 Reported: tokens/s, and forwards per generated token (per request: prefill, denoising steps and commits).
 Result: benchmarks/results/rollout-<device>.json; docs/benchmarks.md keeps the table.
 """
@@ -93,6 +95,22 @@ def train(hf_dir: str, out_dir: str, steps: int, seq_len: int = 64, batch: int =
     return {"steps": steps, "seconds": seconds, "first_loss": losses[0], "last_loss": sum(losses[-10:]) / 10}
 
 
+def megatron_engine(model_dir: str):
+    """The Megatron backend on `model_dir` at TP=1 (the process groups of `train`, or new ones)."""
+    from megatron.core import parallel_state as ps
+
+    from dare_mega.models.builder import build_from_hf
+    from dare_mega.models.runner import Runner
+    from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
+    from dare_mega.rollout.megatron_engine import MegatronEngine
+
+    init_distributed()
+    if not ps.model_parallel_is_initialized():
+        init_model_parallel(ParallelLayout())
+    chunks, args = build_from_hf(model_dir, ParallelLayout())
+    return MegatronEngine(Runner(chunks, args))
+
+
 def measure(engine, prompts, params, cache: bool) -> dict:
     engine.generate(prompts[:1], params, cache=cache)  # warm up
     start = time.perf_counter()
@@ -115,6 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/tmp/dare_mega_bench_rollout")
     p.add_argument("--model", help="an already trained checkpoint (skips making and training one)")
     p.add_argument("--out", default=None)
+    p.add_argument("--no-megatron", action="store_true", help="skip the Megatron backend")
     args = p.parse_args(argv)
 
     import shutil
@@ -142,10 +161,21 @@ def main(argv=None) -> int:
                               ("low_confidence_dynamic", False), ("low_confidence_dynamic", True)):
             params = SamplingParams(max_new_tokens=args.new_tokens, policy=policy, threshold=0.9, temperature=0.0,
                                     block_size=block, stop_token_ids=())
-            rows.append({"block": block, "policy": policy, "cache": cache, **measure(engine, prompts, params, cache)})
+            rows.append({"backend": "native", "block": block, "policy": policy, "cache": cache,
+                         **measure(engine, prompts, params, cache)})
             print(rows[-1], flush=True)
-    def rate(block, policy, cache):
-        return next(r for r in rows if r["block"] == block and r["policy"] == policy and r["cache"] == cache)
+    if not args.no_megatron:
+        megatron = megatron_engine(model_dir)
+        for block in (4, 32):
+            for policy in ("low_confidence_static", "low_confidence_dynamic"):
+                params = SamplingParams(max_new_tokens=args.new_tokens, policy=policy, threshold=0.9,
+                                        temperature=0.0, block_size=block, stop_token_ids=())
+                rows.append({"backend": "megatron", "block": block, "policy": policy, "cache": False,
+                             **measure(megatron, prompts, params, False)})
+                print(rows[-1], flush=True)
+    def rate(block, policy, cache, backend="native"):
+        return next(r for r in rows if r["block"] == block and r["policy"] == policy and r["cache"] == cache
+                    and r["backend"] == backend)
 
     speedup = {f"{policy.split('_')[-1]}_block{b}": rate(b, policy, True)["tokens_per_s"] / rate(b, policy, False)["tokens_per_s"]
                for b in (4, 32) for policy in ("low_confidence_static", "low_confidence_dynamic")}
@@ -160,6 +190,11 @@ def main(argv=None) -> int:
         "new_tokens": args.new_tokens,
         "rows": rows,
         "cache_speedup": speedup,
+        # Megatron (uncached) tokens/s over the native engine's uncached tokens/s
+        "megatron_vs_native_uncached": {} if args.no_megatron else {
+            f"{policy.split('_')[-1]}_block{b}": rate(b, policy, False, "megatron")["tokens_per_s"]
+            / rate(b, policy, False)["tokens_per_s"]
+            for b in (4, 32) for policy in ("low_confidence_static", "low_confidence_dynamic")},
         "targets": {
             "cache_at_least_3x": {k: v >= 3.0 for k, v in speedup.items()},
             "dynamic_under_0.5_forwards_per_token": {
@@ -170,7 +205,8 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
-    print(json.dumps({k: result[k] for k in ("training", "cache_speedup", "targets")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("training", "cache_speedup", "megatron_vs_native_uncached", "targets")},
+                     indent=2))
     return 0
 
 
