@@ -9,6 +9,7 @@ import json
 import pytest
 from conftest import torchrun
 
+from dare_mega.errors import ConfigError
 from dare_mega.rollout.engine import NativeEngine
 from dare_mega.rollout.types import SamplingParams
 
@@ -51,11 +52,25 @@ def check_against_native(results, tiny_dir):
                 assert mine["forwards"] == theirs.forwards or cache, name  # the uncached loop's forwards
 
 
-@pytest.mark.distributed
-def test_one_process_matches_the_native_engine(tiny_dir, tmp_path):
-    results = decode(tmp_path, 1, [{"hf": tiny_dir[f], "layout": {}, "params": PARAMS} for f in FAMILIES])
+def test_one_process_matches_the_native_engine(tiny_dir, world1):
+    """TP=1, in this process (the worker's code path without torchrun)."""
+    from dare_mega.models.builder import build_from_hf
+    from dare_mega.models.runner import Runner
+    from dare_mega.parallel import ParallelLayout
+    from dare_mega.rollout.megatron_engine import MegatronEngine
+
+    results = []
+    for family in FAMILIES:
+        chunks, args = build_from_hf(tiny_dir[family], ParallelLayout())
+        engine = MegatronEngine(Runner(chunks, args))
+        for fields in PARAMS:
+            params = SamplingParams(**{**fields, "seeds": tuple(1000 + i for i in range(len(PROMPTS)))})
+            results.append({"hf": tiny_dir[family], "layout": {}, "params": fields,
+                            "completions": [c.to_dict() for c in engine.generate(PROMPTS, params, cache=False)]})
     check_against_native(results, tiny_dir)
     assert any(c["finish_reason"] == "stop" for r in results for c in r["completions"])  # EOS handling is seen
+    with pytest.raises(ConfigError, match="does not implement the block KV cache yet"):
+        engine.generate(PROMPTS, SamplingParams(), cache=True)
 
 
 @pytest.mark.distributed

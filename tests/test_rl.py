@@ -73,12 +73,12 @@ def rl(nproc: int, run_dir, *overrides, timeout=900):
 
 @pytest.mark.distributed
 def test_one_step_agrees_across_layouts(example_run, tmp_path):
-    """One RL step (rollout, rewards, trajectory estimator, update) at TP=2 x EP=2 (sequence parallel) on 4
-    processes, with routing replay on, equals the same step on one process: the loss, the gradient norm and every
-    updated weight; the one-process step without replay agrees too, and so does the step at TP=2 x EP=2 whose
-    rollouts run on the trainer's own Megatron shards (here the fp32 engine and Megatron choose the
-    same experts, so replaying them is the identity). Adam with eps=1 makes the first update smooth in the
-    gradient, so the weights compare the gradients, not only their signs."""
+    """One RL step (rollout, rewards, trajectory estimator, update) on one process equals, in its loss, gradient
+    norm and every updated weight, the step at TP=2 x EP=2 (sequence parallel) on 4 processes with routing replay
+    on (here the fp32 engine and Megatron choose the same experts, so replaying them is the identity and the
+    replayed and free steps must agree), and the step at TP=2 x EP=2 whose rollouts run on the trainer's own
+    Megatron shards. Adam with eps=1 makes the first update smooth in the gradient, so the weights compare the
+    gradients, not only their signs."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from dare_mega.checkpoint.torch_dist import TorchDistReader
@@ -88,42 +88,42 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
     common = [f"model.init={init}", "train.steps=1", "rollout.prompts_per_step=4", "rollout.n=4",
               "task.heldout=4", "eval.samples=1", "optim.lr=0.5", "optim.eps=1.0", "checkpoint.every=1",
               "train.micro_batch_size=1", "train.pack_tokens=64"]
-    replay = "algorithm.routing_replay=rollout"
-    megatron = ["rollout.backend=megatron", "rollout.cache=false"]
-    runs = {"tp1": (1, [replay]), "tp2ep2": (4, ["parallel.tp=2", "parallel.ep=2", replay]), "tp1_free": (1, []),
-            "tp2ep2_megatron": (4, ["parallel.tp=2", "parallel.ep=2", *megatron])}
+    tp2ep2 = ["parallel.tp=2", "parallel.ep=2"]
+    runs = {"tp1": (1, []), "tp2ep2_replay": (4, [*tp2ep2, "algorithm.routing_replay=rollout"]),
+            "tp2ep2_megatron": (4, [*tp2ep2, "rollout.backend=megatron", "rollout.cache=false"])}
     said = {}
     for name, (nproc, layout) in runs.items():
         proc = rl(nproc, tmp_path / name, *common, *layout)
         assert proc.returncode == 0, proc.stderr[-6000:]
         said[name] = proc.stdout
-    one, four, free, shards = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()][0]
-                               for n in runs)
+    one, replayed, shards = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()][0]
+                             for n in runs)
     assert one["reward_std"] > 0 and one["grad_norm"] > 0  # the step learns something
-    assert free["router_mismatch"] == 0.0  # without replay the routers already agree, so all three must
+    assert one["router_mismatch"] == 0.0  # without replay the routers already agree
+    assert replayed["router_mismatch"] == 0.0  # replayed on every rank's slice
     # rollouts on the trainer's own shards (rollout.backend=megatron) sample the native engine's tokens, and the
     # trainer scores exactly what generated them
     assert shards["rollout_train_gap"] < 1e-6 and shards["router_mismatch"] is None
     assert "rollouts on MegatronEngine" in said["tp2ep2_megatron"]
-    for other in (four, free, shards):
+    assert "routing replay rollout" in said["tp2ep2_replay"] and "routing replay off" in said["tp1"]
+    for other in (replayed, shards):
         assert one["reward_mean"] == other["reward_mean"] and one["response_length"] == other["response_length"]
         assert abs(one["loss"] - other["loss"]) <= 1e-5 * max(1.0, abs(one["loss"]))
         assert abs(one["grad_norm"] - other["grad_norm"]) <= 1e-5 * max(1.0, one["grad_norm"])
-    assert one["router_mismatch"] == 0.0 and four["router_mismatch"] == 0.0  # replayed on every rank's slice
-    assert "routing replay rollout" in said["tp2ep2"] and "routing replay off" in said["tp1_free"]
-    readers = [TorchDistReader(str(sorted((tmp_path / n / "checkpoints").glob("step_*"))[-1])) for n in ("tp1", "tp2ep2")]
+    readers = {n: TorchDistReader(str(sorted((tmp_path / n / "checkpoints").glob("step_*"))[-1])) for n in runs}
     start = TorchDistReader(str(init))
-    keys = [k for k, v in readers[0].metadata.state_dict_metadata.items()
+    keys = [k for k, v in readers["tp1"].metadata.state_dict_metadata.items()
             if not k.startswith("optimizer") and isinstance(v, TensorStorageMetadata)]
-    assert keys and set(keys) <= set(readers[1].metadata.state_dict_metadata)
-    worst = moved = 0.0
-    for key in keys:
-        a, b = readers[0].read(key), readers[1].read(key)
-        if a.is_floating_point():
-            worst = max(worst, float((a.float() - b.float()).abs().max()))
-            moved = max(moved, float((a.float() - start.read(key).float()).abs().max()))
-    assert moved > 1e-3  # the weights did change
-    assert worst <= 1e-5, worst
+    for name in ("tp2ep2_replay", "tp2ep2_megatron"):
+        assert keys and set(keys) <= set(readers[name].metadata.state_dict_metadata)
+        worst = moved = 0.0
+        for key in keys:
+            a, b = readers["tp1"].read(key), readers[name].read(key)
+            if a.is_floating_point():
+                worst = max(worst, float((a.float() - b.float()).abs().max()))
+                moved = max(moved, float((a.float() - start.read(key).float()).abs().max()))
+        assert moved > 1e-3  # the weights did change
+        assert worst <= 1e-5, (name, worst)
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
