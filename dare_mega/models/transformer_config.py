@@ -13,6 +13,13 @@ from dare_mega.models.args import ModelArgs
 from dare_mega.parallel.layout import ParallelLayout
 
 
+def params_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """model.dtype / --dtype: auto is bfloat16 on GPUs and float32 on CPUs."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How to run (not what the model is): dtype, kernels, recompute."""

@@ -59,12 +59,10 @@ def parser() -> argparse.ArgumentParser:
 
 def megatron_engine(args):
     """The Megatron backend: process groups at the layout, the model from --hf, a MegatronEngine on it."""
-    import torch
-
     from dare_mega.data.tokenizer import load_tokenizer
     from dare_mega.models.builder import build_from_hf
     from dare_mega.models.runner import Runner
-    from dare_mega.models.transformer_config import RuntimeOptions
+    from dare_mega.models.transformer_config import RuntimeOptions, params_dtype
     from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
     from dare_mega.rollout.megatron_engine import MegatronEngine
 
@@ -72,9 +70,7 @@ def megatron_engine(args):
     env = init_distributed()
     layout.check_world(env.world_size)
     init_model_parallel(layout, seed=args.seed)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
-    dtype = dtype or (torch.bfloat16 if env.device.type == "cuda" else torch.float32)
-    chunks, model_args = build_from_hf(args.hf, layout, RuntimeOptions(params_dtype=dtype))
+    chunks, model_args = build_from_hf(args.hf, layout, RuntimeOptions(params_dtype=params_dtype(args.dtype, env.device)))
     return MegatronEngine(Runner(chunks, model_args), load_tokenizer(args.hf)), env
 
 

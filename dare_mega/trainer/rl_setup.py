@@ -140,12 +140,11 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
     from dare_mega.checkpoint.torch_dist import load_into
     from dare_mega.models.builder import build_from_hf, mapping_for
     from dare_mega.models.runner import Runner, wrap_for_training
-    from dare_mega.models.transformer_config import RuntimeOptions
+    from dare_mega.models.transformer_config import RuntimeOptions, params_dtype
     from dare_mega.parallel import init_distributed, init_model_parallel
-    from dare_mega.trainer import checkpoint as ckpt
     from dare_mega.trainer.backends import megatron_rollout, native_rollout, sglang_rollout
     from dare_mega.trainer.metrics import Metrics
-    from dare_mega.trainer.setup import build_optimizer, checkpoint_dir, params_dtype, resume_path, training_meta
+    from dare_mega.trainer.setup import build_optimizer, checkpoint_dir, resume, training_meta
     from dare_mega.weight_sync.export import WeightExporter
     from dare_mega.weight_sync.sync import SharedWeights, WeightSync
 
@@ -199,10 +198,8 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
     weights.sync(0)
 
     # resume
-    start = 0
-    path = resume_path(cfg)
-    if path:
-        start, _ = ckpt.load(path, chunks, optimizer, scheduler)
+    start, _ = resume(cfg, chunks, optimizer, scheduler)
+    if start:
         weights.sync(start)
     meta, assets = training_meta(hf_dir, args, layout, dtype, cfg.run_dir, env)
 

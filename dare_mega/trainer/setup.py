@@ -44,13 +44,6 @@ def preflight(cfg, hf_dir: str, world_size: int):
     return args, layout
 
 
-def params_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """model.dtype: auto is bfloat16 on GPUs and float32 on CPUs."""
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]
-
-
 def build_optimizer(cfg, chunks, params_dtype):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -77,14 +70,17 @@ def checkpoint_dir(cfg) -> str:
     return cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
 
 
-def resume_path(cfg) -> str | None:
-    """checkpoint.resume: auto (the newest complete checkpoint, if any), none, or a path."""
+def resume(cfg, chunks, optimizer, scheduler) -> tuple[int, dict | None]:
+    """checkpoint.resume: auto (the newest complete checkpoint, if any), none, or a path. Loads it into the
+    model, optimizer and scheduler; returns (the step it holds, its data state), or (0, None) for a fresh start."""
     from dare_mega.trainer import checkpoint as ckpt
 
-    resume = cfg.checkpoint.resume
-    if resume == "auto":
-        return ckpt.latest(checkpoint_dir(cfg))
-    return None if resume == "none" else resume
+    path = cfg.checkpoint.resume
+    if path == "auto":
+        path = ckpt.latest(checkpoint_dir(cfg))
+    if path is None or path == "none":
+        return 0, None
+    return ckpt.load(path, chunks, optimizer, scheduler)
 
 
 def training_meta(hf_dir: str, args, layout, dtype, run_dir: str, env):

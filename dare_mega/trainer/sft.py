@@ -25,10 +25,9 @@ from dare_mega.trainer.setup import (
     build_optimizer,
     checkpoint_dir,
     ensure_model_dir,
-    params_dtype,
     parse_args,
     preflight,
-    resume_path,
+    resume,
     training_meta,
 )
 
@@ -73,7 +72,7 @@ def run(cfg: SFTConfig) -> dict:
     from dare_mega.algorithms.sft import objective, sft_batch
     from dare_mega.models.builder import build_from_hf
     from dare_mega.models.runner import Runner, wrap_for_training
-    from dare_mega.models.transformer_config import RuntimeOptions
+    from dare_mega.models.transformer_config import RuntimeOptions, params_dtype
     from dare_mega.parallel import destroy_distributed, init_distributed, init_model_parallel
     from dare_mega.trainer import checkpoint as ckpt
     from dare_mega.trainer.metrics import Metrics
@@ -96,10 +95,8 @@ def run(cfg: SFTConfig) -> dict:
     obj = objective(cfg.loss.name, args.family, cfg.loss.eps, cfg.loss.t_min, cfg.loss.t_max)
 
     ckpt_dir = checkpoint_dir(cfg)
-    start_step = 0
-    path = resume_path(cfg)
-    if path:
-        start_step, data_state = ckpt.load(path, chunks, optimizer, scheduler)
+    start_step, data_state = resume(cfg, chunks, optimizer, scheduler)
+    if data_state is not None:
         loader.load_state_dict(data_state)
     meta, assets = training_meta(hf_dir, args, layout, dtype, cfg.run_dir, env)
     metrics = Metrics(cfg.run_dir, cfg.logging, cfg.train.steps, start_step, env.is_main, to_dict(cfg))
