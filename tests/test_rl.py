@@ -105,6 +105,8 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
     # trainer scores exactly what generated them
     assert shards["rollout_train_gap"] < 1e-6 and shards["router_mismatch"] is None
     assert "rollouts on MegatronEngine" in said["tp2ep2_megatron"]
+    # the native engine: one per data-parallel replica, whose tensor-parallel partner receives its completions
+    assert "rollouts on NativeEngine, one per data-parallel replica (2 for 4 ranks)" in said["tp2ep2_replay"]
     assert "routing replay rollout" in said["tp2ep2_replay"] and "routing replay off" in said["tp1"]
     for other in (replayed, shards):
         assert one["reward_mean"] == other["reward_mean"] and one["response_length"] == other["response_length"]

@@ -14,13 +14,83 @@ from dare_mega.errors import ConfigError
 from dare_mega.trainer.config import RLConfig
 
 
-def native_rollout(cfg: RLConfig, hf_dir: str, env):
-    """The default backend: a native engine in this process, refreshed in process (InProcessTransport)."""
+def native_rollout(cfg: RLConfig, hf_dir: str, env, prompts=(), reserve_bytes: int = 0, free_bytes=None):
+    """The default backend: one native engine per data-parallel replica, on its first model-parallel rank, in
+    the trainer's dtype (bf16 on GPUs), refreshed in process (InProcessTransport); the replica's other ranks get
+    its completions (rollout/replica.py). Refused before any weight is read, with the numbers, when the engine
+    does not fit in what the trainer left free (less `reserve_bytes`, e.g. optimizer state not yet allocated).
+    `prompts`: every prompt the run may decode (the KV cache is sized for the longest); `free_bytes(device)`:
+    what is free (default: rollout/memory.available_bytes)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from dare_mega.models.transformer_config import params_dtype
     from dare_mega.rollout.engine import NativeEngine
+    from dare_mega.rollout.memory import available_bytes
+    from dare_mega.rollout.replica import ReplicaEngine
     from dare_mega.weight_sync.transports import InProcessTransport
 
-    engine = NativeEngine.from_pretrained(hf_dir, device=str(env.device))
+    group = ps.get_model_parallel_group()
+    leader = dist.get_global_rank(group, 0)
+    lead = dist.get_rank() == leader
+    dtype = params_dtype(cfg.model.dtype, env.device)
+    check_engine_fits(cfg, hf_dir, env, dtype, lead, prompts, reserve_bytes, (free_bytes or available_bytes)(env.device))
+    engine = NativeEngine.from_pretrained(hf_dir, dtype=dtype, device=str(env.device)) if lead else None
+    if dist.get_world_size(group) > 1:
+        engine = ReplicaEngine(engine, group, leader)
     return engine, InProcessTransport(engine)
+
+
+def check_engine_fits(cfg: RLConfig, hf_dir: str, env, dtype, lead: bool, prompts, reserve_bytes: int,
+                      free: int) -> None:
+    """Every rank takes part (the verdict is the same everywhere). A GPU holds one rank; host memory is shared
+    by the ranks of a node, so on CPUs each node's engines and reserves are added up against its free memory."""
+    import socket
+
+    import torch.distributed as dist
+
+    from dare_mega.models.builder import load_model_args, mapping_for
+    from dare_mega.rollout.memory import engine_bytes, gib
+
+    need = None
+    if lead:
+        args = load_model_args(hf_dir, cfg.model.mask_token_id, cfg.model.block_size)
+        rows, length = _engine_batch(cfg, hf_dir, prompts, args.diffusion.block_size)
+        need = engine_bytes(args, mapping_for(args), dtype, rows, length)
+    host = socket.gethostname() if env.device.type == "cpu" else f"{socket.gethostname()}:{env.device}"
+    mine = (host, need, reserve_bytes, free, dist.get_rank())
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for where in dict.fromkeys(h for h, *_ in everyone):
+        here = [e for e in everyone if e[0] == where]
+        engines = [e[1] for e in here if e[1] is not None]
+        wanted = sum(e.total for e in engines) + sum(e[2] for e in here)
+        available = min(e[3] for e in here)
+        reserved = sum(e[2] for e in here)
+        if engines and wanted > available:
+            e = engines[0]
+            raise ConfigError(
+                f"rollout.backend=native: {len(engines)} engine(s) on {where} need {gib(wanted - reserved)} and the "
+                f"trainer's optimizer state still to come {gib(reserved)}, but {gib(available)} is free. Each engine "
+                f"holds the whole model ({gib(e.weights)} of weights in {str(dtype).removeprefix('torch.')}) and a KV "
+                f"cache ({gib(e.kv_cache)} for {e.rows} requests x {e.length} positions). Use "
+                "rollout.backend=megatron (decodes on the trainer's own shards) or sglang, or more GPUs")
+
+
+def _engine_batch(cfg: RLConfig, hf_dir: str, prompts, block: int) -> tuple[int, int]:
+    """The most requests one engine decodes at once (a step's groups or the held-out evaluation) and the longest
+    canvas (the longest prompt plus new tokens, in whole blocks)."""
+    from megatron.core import parallel_state as ps
+
+    from dare_mega.data.tokenizer import load_tokenizer
+    from dare_mega.rollout.types import prompt_ids
+
+    tokenizer = load_tokenizer(hf_dir)
+    longest = max((len(prompt_ids(p, tokenizer)) for p in prompts), default=0)
+    per_rank = cfg.rollout.prompts_per_step // ps.get_data_parallel_world_size()
+    rows = max(per_rank * cfg.rollout.n, cfg.task.heldout * max(cfg.eval.samples, 1))
+    new = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
+    return rows, -(-(longest + new) // block) * block
 
 
 def megatron_rollout(runner, hf_dir: str):

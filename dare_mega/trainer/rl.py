@@ -3,8 +3,8 @@
 The loop, as in slime's train loop: set-up (trainer/rl_setup.py), then per step the named phases of
 trainer/rl_phases.py: rollout (this rank's whole groups, engine weights of version step - 1) -> score ->
 advantages -> update (on Megatron) -> sync (the engine gets version step) -> log -> save. Rollouts are
-sharded over data-parallel ranks; tensor / pipeline ranks of one data-parallel group decode the same requests
-with the same seeds.
+sharded over data-parallel ranks: with the native engine, the first rank of each replica decodes and its tensor /
+pipeline ranks receive the completions; on the Megatron backend all ranks of a replica decode together.
 """
 
 from __future__ import annotations
@@ -55,13 +55,21 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
 
 
 def announce(job, before: dict) -> None:
+    import torch.distributed as dist
+
+    from dare_mega.rollout.replica import ReplicaEngine
+
     if job.env.is_main:
         a, args = job.cfg.algorithm, job.args
+        engine = type(job.engine).__name__
+        if isinstance(job.engine, ReplicaEngine):  # rank 0 leads its replica
+            engine = (f"{type(job.engine.engine).__name__}, one per data-parallel replica "
+                      f"({dist.get_world_size(job.dp_group)} for {job.env.world_size} ranks)")
         print(f"rl: {args.architecture} at {job.inputs.layout.describe()} on {job.env.world_size} process(es); "
               f"task {job.cfg.task.name} ({job.inputs.sandboxes}), estimator "
               f"{job.estimator.describe(block_diffusion=True)}; likelihood {a.likelihood}; "
               f"routing replay {a.routing_replay if args.moe else 'n/a (dense)'}; "
-              f"rollouts on {type(job.engine).__name__}; held-out accuracy {before}; starting at step {job.start}",
+              f"rollouts on {engine}; held-out accuracy {before}; starting at step {job.start}",
               flush=True)
 
 

@@ -8,6 +8,7 @@ a KL term), the rollout engine and the weight sync, and resumes from the latest 
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -144,7 +145,13 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
     from dare_mega.parallel import init_distributed, init_model_parallel
     from dare_mega.trainer.backends import megatron_rollout, native_rollout, sglang_rollout
     from dare_mega.trainer.metrics import Metrics
-    from dare_mega.trainer.setup import build_optimizer, checkpoint_dir, resume, training_meta
+    from dare_mega.trainer.setup import (
+        build_optimizer,
+        checkpoint_dir,
+        pending_optimizer_state_bytes,
+        resume,
+        training_meta,
+    )
     from dare_mega.weight_sync.export import WeightExporter
     from dare_mega.weight_sync.sync import SharedWeights, WeightSync
 
@@ -175,7 +182,9 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
     if cfg.rollout.backend == "megatron" and rollout_backend is None:
         engine, transport = megatron_rollout(runner, hf_dir), None
     else:
-        backend = rollout_backend or (sglang_rollout if cfg.rollout.backend == "sglang" else native_rollout)
+        backend = rollout_backend or (sglang_rollout if cfg.rollout.backend == "sglang" else functools.partial(
+            native_rollout, prompts=[r["prompt"] for r in inputs.train + inputs.heldout],
+            reserve_bytes=pending_optimizer_state_bytes(optimizer)))
         engine, transport = backend(cfg, hf_dir, env)
     if replay and not hasattr(engine, "routed_experts"):
         raise ConfigError(f"algorithm.routing_replay=rollout: the rollout engine ({type(engine).__name__}) cannot "

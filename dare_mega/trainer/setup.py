@@ -66,6 +66,19 @@ def build_optimizer(cfg, chunks, params_dtype):
     return optimizer, scheduler
 
 
+def pending_optimizer_state_bytes(optimizer) -> int:
+    """The Adam moments (two per parameter of this rank's main-parameter shard) that the first step will
+    allocate: what an engine built beside the trainer must leave free."""
+    total = 0
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = part.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if p not in inner.state or not inner.state[p]:
+                    total += 2 * p.numel() * p.element_size()
+    return total
+
+
 def checkpoint_dir(cfg) -> str:
     return cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
 
