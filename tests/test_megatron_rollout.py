@@ -1,7 +1,7 @@
 """rollout.backend=megatron: block-diffusion decoding on the trainer's own Megatron shards, at any layout.
 
 Every layout must give the native engine's tokens, step maps and log-probs on the same weights (float32;
-greedy and seeded sampling; the native engine with and without its KV cache), with replicas decoding uneven
+greedy and seeded sampling; with and without the block KV cache on either side), with replicas decoding uneven
 shares of the prompts (so that one replica idles in the other's expert-parallel forwards)."""
 
 import json
@@ -9,7 +9,6 @@ import json
 import pytest
 from conftest import torchrun
 
-from dare_mega.errors import ConfigError
 from dare_mega.rollout.engine import NativeEngine
 from dare_mega.rollout.types import SamplingParams
 
@@ -40,7 +39,7 @@ def check_against_native(results, tiny_dir):
         params = SamplingParams(**{**result["params"], "seeds": tuple(1000 + i for i in range(len(PROMPTS)))})
         for cache in (True, False):
             native = engine.generate(PROMPTS, params, cache=cache)
-            name = f"{family} {result['layout']} {result['params']} (native cache={cache})"
+            name = f"{family} {result['layout']} {result['params']} (cache={result['cache']}, native cache={cache})"
             assert len(result["completions"]) == len(native), name
             for mine, theirs in zip(result["completions"], native):
                 assert mine["generated_ids"] == theirs.generated_ids, name
@@ -49,7 +48,7 @@ def check_against_native(results, tiny_dir):
                 assert mine["finish_reason"] == theirs.finish_reason, name
                 gap = max(abs(a - b) for a, b in zip(mine["generated_logprobs"], theirs.generated_logprobs))
                 assert gap <= 1e-5, f"{name}: log-probs differ by {gap:.2e}"
-                assert mine["forwards"] == theirs.forwards or cache, name  # the uncached loop's forwards
+                assert mine["forwards"] == theirs.forwards or cache != result["cache"], name  # the same loop
 
 
 def test_one_process_matches_the_native_engine(tiny_dir, world1):
@@ -65,12 +64,11 @@ def test_one_process_matches_the_native_engine(tiny_dir, world1):
         engine = MegatronEngine(Runner(chunks, args))
         for fields in PARAMS:
             params = SamplingParams(**{**fields, "seeds": tuple(1000 + i for i in range(len(PROMPTS)))})
-            results.append({"hf": tiny_dir[family], "layout": {}, "params": fields,
-                            "completions": [c.to_dict() for c in engine.generate(PROMPTS, params, cache=False)]})
+            for cache in (True, False):
+                results.append({"hf": tiny_dir[family], "layout": {}, "params": fields, "cache": cache,
+                                "completions": [c.to_dict() for c in engine.generate(PROMPTS, params, cache=cache)]})
     check_against_native(results, tiny_dir)
     assert any(c["finish_reason"] == "stop" for r in results for c in r["completions"])  # EOS handling is seen
-    with pytest.raises(ConfigError, match="does not implement the block KV cache yet"):
-        engine.generate(PROMPTS, SamplingParams(), cache=True)
 
 
 @pytest.mark.distributed
@@ -90,7 +88,8 @@ def test_tensor_expert_and_data_parallel_match_the_native_engine(tiny_dir, tmp_p
 @pytest.mark.distributed
 def test_the_cli_writes_what_the_native_cli_writes(tiny_dir, tmp_path):
     """`torchrun -m dare_mega.rollout --backend megatron` at EP=2 (two replicas; batches of 2 over 5 prompts,
-    so one replica has nothing in the last round) writes the native CLI's JSON lines, in the prompts' order."""
+    so one replica has nothing in the last round), both with the block KV cache, writes the native CLI's JSON
+    lines, in the prompts' order."""
     import subprocess
     import sys
 
@@ -99,7 +98,7 @@ def test_the_cli_writes_what_the_native_cli_writes(tiny_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
     common = ["--hf", tiny_dir["sdar_moe"], "--prompts", str(prompts), "--max-new-tokens", "8", "--batch-size", "2",
-              "--temperature", "1.0", "--seed", "3", "--no-cache"]
+              "--temperature", "1.0", "--seed", "3"]
     proc = torchrun(2, ["-m", "dare_mega.rollout", "--backend", "megatron", "--ep", "2", *common,
                         "--json", str(tmp_path / "megatron.jsonl")])
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -117,6 +116,3 @@ def test_the_cli_writes_what_the_native_cli_writes(tiny_dir, tmp_path):
                 assert max(abs(x - y) for x, y in zip(a[key], b[key])) <= 1e-5
             else:
                 assert a[key] == b[key], key
-    refused = subprocess.run([sys.executable, "-m", "dare_mega.rollout", "--backend", "megatron", *common[:-1]],
-                             cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "add --no-cache" in refused.stderr, refused.stderr[-2000:]

@@ -10,7 +10,6 @@ from dare_mega.errors import ConfigError
 from dare_mega.models.builder import load_model_args, mapping_for
 from dare_mega.rollout.engine import NativeEngine
 from dare_mega.rollout.memory import engine_bytes
-from dare_mega.rollout.model import KVCache
 
 
 def counted(tensors) -> int:
@@ -19,13 +18,26 @@ def counted(tensors) -> int:
 
 @pytest.mark.parametrize("family", ["sdar", "sdar_moe", "llada2_moe"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_engine_bytes_are_what_the_engine_allocates(tiny_dir, family, dtype):
+def test_engine_bytes_are_what_the_engine_allocates(tiny_dir, family, dtype, monkeypatch):
+    from dare_mega.diffusion import kv_cache
+    from dare_mega.rollout.types import SamplingParams
+
+    caches = []
+
+    class Recorded(kv_cache.BlockKVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+    monkeypatch.setattr(kv_cache, "BlockKVCache", Recorded)
     engine = NativeEngine.from_pretrained(tiny_dir[family], dtype=dtype, device="cpu", tokenizer=False)
     args = load_model_args(tiny_dir[family])
-    predicted = engine_bytes(args, mapping_for(args), dtype, rows=3, length=40)
+    prompts, new = [[5] * 9, [6] * 3, [7] * 20], 10
+    engine.generate(prompts, SamplingParams(max_new_tokens=new, temperature=0.0, stop_token_ids=()), cache=True)
+    block = args.diffusion.block_size
+    predicted = engine_bytes(args, mapping_for(args), dtype, rows=3, length=-(-(20 + new) // block) * block)
     assert predicted.weights == counted(engine.model.weights.values())
-    cache = KVCache.empty(engine.args, 3, 40, dtype, "cpu")
-    assert predicted.kv_cache == counted(cache.keys + cache.values)
+    assert len(caches) == 1 and predicted.kv_cache == caches[0].nbytes
     assert predicted.total == predicted.weights + predicted.kv_cache
 
 

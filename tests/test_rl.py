@@ -90,7 +90,7 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
               "train.micro_batch_size=1", "train.pack_tokens=64"]
     tp2ep2 = ["parallel.tp=2", "parallel.ep=2"]
     runs = {"tp1": (1, []), "tp2ep2_replay": (4, [*tp2ep2, "algorithm.routing_replay=rollout"]),
-            "tp2ep2_megatron": (4, [*tp2ep2, "rollout.backend=megatron", "rollout.cache=false"])}
+            "tp2ep2_megatron": (4, [*tp2ep2, "rollout.backend=megatron"])}
     said = {}
     for name, (nproc, layout) in runs.items():
         proc = rl(nproc, tmp_path / name, *common, *layout)
@@ -158,12 +158,10 @@ def test_what_the_megatron_backend_refuses():
     from dare_mega.errors import ConfigError
     from dare_mega.trainer.config import RLConfig
 
-    with pytest.raises(ConfigError, match="does not implement the block KV cache yet; set rollout.cache=false"):
-        load_config(RLConfig, RL_RECIPE, ["rollout.backend=megatron"])
     with pytest.raises(ConfigError, match="already routes with the trainer's own routers"):
-        load_config(RLConfig, RL_RECIPE, ["rollout.backend=megatron", "rollout.cache=false",
-                                          "algorithm.routing_replay=rollout"])
-    assert load_config(RLConfig, RL_RECIPE, ["rollout.backend=megatron", "rollout.cache=false"]).rollout.backend == "megatron"
+        load_config(RLConfig, RL_RECIPE, ["rollout.backend=megatron", "algorithm.routing_replay=rollout"])
+    cfg = load_config(RLConfig, RL_RECIPE, ["rollout.backend=megatron"])
+    assert cfg.rollout.backend == "megatron" and cfg.rollout.cache  # the block KV cache on the trainer's shards
 
 
 def test_a_raising_reward_is_logged_and_scored_zero():

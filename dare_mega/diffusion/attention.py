@@ -12,7 +12,9 @@ so the mask is described per token and each backend builds what it needs from it
 - "auto": flex when CUDA is present, else sdpa.
 
 A dense boolean tensor [b, 1, sq, sk] (True = may attend) is accepted as well, for callers that already
-have one (tools/check_logits.py compares against other implementations that way).
+have one (tools/check_logits.py compares against other implementations that way), and a `CachedBlocks`
+(dare_mega/diffusion/kv_cache.py) for a rollout forward with the block KV cache: the new tokens attend to
+their rows' cached keys and to each other, and write theirs (the native engine's rule, the same function).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
+from dare_mega.diffusion.kv_cache import CachedBlocks
 from dare_mega.diffusion.masks import BlockDiffusionMask
 
 BACKENDS = ("auto", "flex", "sdpa")
@@ -143,6 +146,9 @@ class BlockDiffusionAttention(MegatronModule):
         sq, b = query.shape[:2]
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if isinstance(attention_mask, CachedBlocks):  # a decoding forward with the block KV cache
+            out = attention_mask.attend(self.layer_number, q, k, v, self.softmax_scale)
+            return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.head_dim)
         dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p:
             with tensor_parallel.get_cuda_rng_tracker().fork():

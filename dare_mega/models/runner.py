@@ -17,6 +17,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from dare_mega.diffusion.kv_cache import CachedBlocks
 from dare_mega.diffusion.masks import BlockDiffusionMask
 from dare_mega.errors import ConfigError
 from dare_mega.models.args import ModelArgs
@@ -29,7 +30,8 @@ class Batch:
 
     input_ids: torch.Tensor  # [B, S]
     position_ids: torch.Tensor  # [B, S]
-    mask: BlockDiffusionMask | torch.Tensor  # per-token groups, or a dense bool [B, 1, S, S] (True = attend)
+    # per-token groups, or a dense bool [B, 1, S, S] (True = attend), or a rollout forward's cache (CachedBlocks)
+    mask: BlockDiffusionMask | torch.Tensor | CachedBlocks
     labels: torch.Tensor | None = None  # [B, S] target token at each position (no shift for SDAR)
     loss_weights: torch.Tensor | None = None  # [B, S] float weight per position (0 = not in the loss)
     loss_normalizer: torch.Tensor | None = None  # [B] int: what each row adds to the loss denominator
@@ -51,6 +53,8 @@ class Batch:
             if isinstance(value, BlockDiffusionMask):
                 kv = None if value.kv is None else value.kv[start:stop]
                 value = BlockDiffusionMask(value.q[start:stop], kv)
+            elif isinstance(value, CachedBlocks):
+                value = value.select(start, stop)
             elif isinstance(value, torch.Tensor):
                 value = value[start:stop]
             elif isinstance(value, dict):

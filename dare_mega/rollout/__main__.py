@@ -2,7 +2,7 @@
 
     python -m dare_mega.rollout --hf DIR --prompt "What is 2+3?" [--policy low_confidence_dynamic]
     python -m dare_mega.rollout --hf DIR --prompts prompts.jsonl --json out.jsonl --seed 0
-    torchrun --nproc-per-node 4 -m dare_mega.rollout --backend megatron --tp 2 --ep 2 --no-cache \
+    torchrun --nproc-per-node 4 -m dare_mega.rollout --backend megatron --tp 2 --ep 2 \
         --hf DIR --prompts prompts.jsonl --json out.jsonl
 
 With --backend megatron the prompts are dealt to the data-parallel replicas batch by batch (request i keeps
@@ -114,8 +114,6 @@ def main(argv=None) -> int:
         )
         params.check()
         if args.backend == "megatron":
-            if not args.no_cache:
-                raise DareMegaError("--backend megatron does not implement the block KV cache yet; add --no-cache")
             engine, env = megatron_engine(args)
             replicas, replica, is_main = _replicas(), _replica(), env.is_main
         else:

@@ -8,9 +8,10 @@ stop rules are checked and the next block starts. All active requests move toget
 iteration, each at its own block; finished ones leave the batch.
 
 A backend provides `_block_logits` (the logits of each row's current block, from a forward of its whole
-prefix) and may provide a block KV cache (`supports_cache`, `_run_cached`: rollout/engine.py). Backends whose
-forwards are collectives across replicas (the Megatron backend: expert-parallel all-to-alls) keep replicas in
-step with `_another_forward` and `_idle_forward`.
+prefix) and, for the cached loop, `_cached_forward` (a forward with the block KV cache of
+diffusion/kv_cache.py; `supports_cache`). Backends whose forwards are collectives across replicas (the
+Megatron backend: expert-parallel all-to-alls) keep replicas in step with `_another_forward` and
+`_idle_forward`; in the others these are a pass-through and a no-op.
 """
 
 from __future__ import annotations
@@ -63,7 +64,11 @@ class BlockDecoder:
         on the CPU of positions starts[b] .. starts[b] + width - 1 of each row."""
         raise NotImplementedError
 
-    def _run_cached(self, requests, block, steps, stop_ids, params):
+    def _cached_forward(self, cache, slots: list[int], lengths, tokens, positions, new_mask, write,
+                        logits: bool):
+        """A forward with the block KV cache (diffusion/kv_cache.py): row j is request slots[j] (its cache row),
+        with lengths[j] cached positions; tokens / positions [B, T], new_mask [B, T, T], write [B, T]. Returns
+        float32 logits [B, T, vocab] on the CPU, or None when `logits` is False."""
         raise NotImplementedError
 
     def _another_forward(self, active: bool) -> bool:
@@ -71,7 +76,7 @@ class BlockDecoder:
         return active
 
     def _idle_forward(self, block: int) -> None:
-        raise NotImplementedError
+        """A forward that keeps other replicas' collectives company (none without them)."""
 
     # ---- generation ------------------------------------------------------------------------------------
     def encode(self, prompts) -> list[list[int]]:
@@ -123,6 +128,60 @@ class BlockDecoder:
     def _start_block(self, r: _Request, start: int, mask_id: int) -> None:
         r.block_start, r.step = start, 0
         r.initially_masked = int((r.canvas[start : start + self._block] == mask_id).sum())
+
+    def _run_cached(self, requests, block, steps, stop_ids, params):
+        """prefill: the prompts' full blocks, once, block-causal, writing the cache; denoise: up to `steps`
+        forwards of each current block, seeing the cache and itself, writing nothing; commit: one forward of
+        a finished block, writing its keys and values (skipped when the request stops). A request in its
+        denoising phase and one committing share the forward."""
+        from dare_mega.diffusion.kv_cache import BlockKVCache
+
+        self._block = block
+        mask_id = self.args.diffusion.mask_token_id
+        # one row per request and a spare one for padding rows; room at the end for padding positions
+        cache = BlockKVCache(len(requests) + 1, max(r.canvas.numel() for r in requests) + block)
+        lengths = torch.zeros(len(requests), dtype=torch.long)
+        full = [len(r.prompt) // block * block for r in requests]
+        slots = [i for i, f in enumerate(full) if f > 0]
+        self._another_forward(True)  # the prefill round: every replica takes part (idle when nothing to fill)
+        if slots:
+            ends = [full[i] for i in slots]
+            tokens, positions, new_mask = self._prefixes([requests[i] for i in slots], ends, block)
+            write = positions < torch.tensor(ends, device=positions.device)[:, None]
+            self._cached_forward(cache, slots, lengths[slots], tokens, positions, new_mask, write, logits=False)
+            lengths[slots] = torch.tensor(ends)
+            self.stats["forwards"] += 1
+            for i in slots:
+                requests[i].forwards += 1
+        else:
+            self._idle_forward(block)
+        for r, f in zip(requests, full):
+            self._start_block(r, f, mask_id)
+        active = list(range(len(requests)))
+        ones = torch.ones(1, block, block, dtype=torch.bool)
+        while self._another_forward(bool(active)):
+            if not active:
+                self._idle_forward(block)
+                continue
+            rows = [requests[i] for i in active]
+            tokens = torch.stack([r.canvas[r.block_start : r.block_start + block] for r in rows])
+            positions = torch.stack([torch.arange(r.block_start, r.block_start + block) for r in rows])
+            committing = (tokens != mask_id).all(dim=1)
+            # rows that commit write their block's keys and values; the others only read the cache
+            logits = self._cached_forward(cache, active, lengths[active], tokens, positions,
+                                          ones.expand(len(rows), -1, -1), committing[:, None].expand(-1, block),
+                                          logits=True)
+            self.stats["forwards"] += 1
+            for j, r in enumerate(rows):
+                r.forwards += 1
+                if committing[j]:
+                    lengths[active[j]] += block
+                    self._start_block(r, r.block_start + block, mask_id)
+                else:
+                    self._denoise(r, logits[j], tokens[j], steps, params, mask_id)
+                    if not (r.canvas[r.block_start : r.block_start + block] == mask_id).any():
+                        self._check_stop(r, block, stop_ids, params)
+            active = [i for i in active if not requests[i].done]
 
     def _run_uncached(self, requests, block, steps, stop_ids, params):
         self._block = block

@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 
 from dare_mega.data.tokenizer import load_tokenizer
+from dare_mega.diffusion.kv_cache import CachedBlocks
 from dare_mega.errors import ConfigError
 from dare_mega.rollout.decoder import BlockDecoder
-from dare_mega.rollout.model import InferenceModel, KVCache
+from dare_mega.rollout.model import InferenceModel
 
 
 class NativeEngine(BlockDecoder):
@@ -110,51 +111,14 @@ class NativeEngine(BlockDecoder):
                 self.model.routing_record = None
         return {layer: torch.cat(parts) for layer, parts in out.items()}
 
-    # ---- the cached decoding loop ----------------------------------------------------------------------
+    # ---- the model, with and without the cache ---------------------------------------------------------
     def _block_logits(self, tokens, positions, mask, starts, width):
-        logits = self.model(tokens, positions, mask)
+        logits = self.model(tokens.to(self.device), positions.to(self.device), mask.to(self.device))
         index = starts.to(logits.device)[:, None] + torch.arange(width, device=logits.device)
         return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])).cpu()
 
-    def _run_cached(self, requests, block, steps, stop_ids, params):
-        self._block = block
-        mask_id = self.args.diffusion.mask_token_id
+    def _cached_forward(self, cache, slots, lengths, tokens, positions, new_mask, write, logits):
         dev = self.device
-        max_len = max(r.canvas.numel() for r in requests)
-        cache = KVCache.empty(self.args, len(requests), max_len, self.model.dtype, dev)
-        full = [len(r.prompt) // block * block for r in requests]
-        if max(full) > 0:  # prefill the prompts' full blocks, block-causal
-            tokens, positions, new_mask = self._prefixes(requests, full, block)
-            self.model(tokens, positions, new_mask, cache=cache, store=True, logits=False)
-            cache.lengths = torch.tensor(full, device=dev)
-            self.stats["forwards"] += 1
-            for r, f in zip(requests, full):
-                r.forwards += int(f > 0)
-        for r, f in zip(requests, full):
-            self._start_block(r, f, mask_id)
-        active = list(range(len(requests)))
-        ones = torch.ones(1, block, block, dtype=torch.bool, device=dev)
-        while active:
-            rows = [requests[i] for i in active]
-            tokens = torch.stack([r.canvas[r.block_start : r.block_start + block] for r in rows]).to(dev)
-            positions = torch.stack([torch.arange(r.block_start, r.block_start + block) for r in rows]).to(dev)
-            committing = [bool((t != mask_id).all()) for t in tokens]
-            # rows that commit write their block's keys and values; the others only read the cache
-            logits = self.model(tokens, positions, ones.expand(len(rows), -1, -1), cache=cache,
-                                store=torch.tensor(committing, device=dev))
-            self.stats["forwards"] += 1
-            keep = []
-            for j, r in enumerate(rows):
-                r.forwards += 1
-                if committing[j]:
-                    cache.lengths[j] += block
-                    self._start_block(r, r.block_start + block, mask_id)
-                else:
-                    self._denoise(r, logits[j].cpu(), tokens[j].cpu(), steps, params, mask_id)
-                    if not (r.canvas[r.block_start : r.block_start + block] == mask_id).any():
-                        self._check_stop(r, block, stop_ids, params)
-                if not r.done:
-                    keep.append(j)
-            if len(keep) < len(rows):
-                cache = cache.select(torch.tensor(keep, dtype=torch.long, device=dev))
-                active = [active[j] for j in keep]
+        cached = CachedBlocks(cache, torch.tensor(slots), lengths, positions, new_mask, write).to(dev)
+        out = self.model(tokens.to(dev), positions.to(dev), new_mask.to(dev), cached=cached, logits=logits)
+        return out.cpu() if logits else None

@@ -9,7 +9,11 @@ decode their own requests; because expert-parallel all-to-alls span replicas, al
 together (one all-reduce per forward says whether any replica still decodes, and a replica that is done runs
 a one-row forward meanwhile).
 
-Not yet implemented: the block KV cache (each forward recomputes the prefix; `cache=True` is refused).
+The block KV cache (`cache=True`, the default) lives in the attention of each rank's own layers: a forward's
+mask is a `CachedBlocks` (diffusion/kv_cache.py) that Megatron hands, sliced per micro-batch, to the core
+attention of every layer (models/spec.py), which attends to its rows' cached keys and writes the committing
+tokens' keys and values, with the local heads only (tensor parallelism) and on the stage that owns the layer
+(pipeline parallelism): the native engine's cached loop (rollout/decoder.py) and attention rule, on shards.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from dare_mega.diffusion.kv_cache import CachedBlocks
 from dare_mega.models.runner import Batch, Runner
 from dare_mega.rollout.decoder import BlockDecoder
 
 
 class MegatronEngine(BlockDecoder):
+    supports_cache = True
+
     """generate(prompts, params, cache=False) on `runner`'s chunks; every rank calls it with its replica's
     prompts (the same on every tensor / pipeline rank of a replica)."""
 
@@ -36,7 +43,7 @@ class MegatronEngine(BlockDecoder):
         self.tp = ps.get_tensor_model_parallel_world_size()
         self.sequence_parallel = runner.config.sequence_parallel
 
-    def generate(self, prompts, params=None, cache: bool = False):
+    def generate(self, prompts, params=None, cache: bool = True):
         """As BlockDecoder.generate; a replica with no prompts this round (`[]`) still runs its share of the
         other replicas' forwards and returns []."""
         from dare_mega.rollout.types import SamplingParams
@@ -50,16 +57,39 @@ class MegatronEngine(BlockDecoder):
         return super().generate(prompts, params, cache)
 
     def _block_logits(self, tokens, positions, mask, starts, width):
+        rows = tokens.shape[0]
+        tokens, positions, mask, extra = self._pad(tokens, positions, mask)
+        starts = torch.cat([starts, torch.zeros(extra, dtype=starts.dtype)])
+        return self._logits(Batch(tokens, positions, mask[:, None]), starts, width)[:rows]
+
+    def _cached_forward(self, cache, slots, lengths, tokens, positions, new_mask, write, logits):
+        rows, length = tokens.shape
+        tokens, positions, new_mask, extra = self._pad(tokens, positions, new_mask)
+        pad_cols = tokens.shape[1] - length
+        # padding rows read and write the spare cache row (none of theirs is written); padding positions write
+        # nothing
+        slots = torch.tensor(list(slots) + [cache.rows - 1] * extra)
+        lengths = torch.cat([lengths, torch.zeros(extra, dtype=lengths.dtype)])
+        write = torch.nn.functional.pad(write, (0, pad_cols, 0, extra), value=False)
+        blocks = CachedBlocks(cache, slots, lengths, positions, new_mask, write)
+        out = self._logits(Batch(tokens, positions, blocks), torch.zeros(rows + extra, dtype=torch.long),
+                           length if logits else 1)
+        return out[:rows] if logits else None
+
+    def _logits(self, batch: Batch, starts, width):
+        micro = max(1, min(self.micro_batches, batch.size))
+        return self.runner.logits_at(batch, starts, width, micro_batch_size=batch.size // micro).cpu()
+
+    def _pad(self, tokens, positions, mask):
+        """Rows to a multiple of the micro-batches, positions to a multiple of the tensor-parallel size under
+        sequence parallelism; padding attends only to itself. Returns (tokens, positions, mask, extra rows)."""
         rows, length = tokens.shape
         micro = max(1, min(self.micro_batches, rows))
         extra_rows = -rows % micro
         extra_len = -length % self.tp if self.sequence_parallel else 0
-        if extra_rows or extra_len:  # padding rows and positions that attend only to themselves
+        if extra_rows or extra_len:
             tokens, positions, mask = _pad(tokens, positions, mask, extra_rows, extra_len)
-            starts = torch.cat([starts, torch.zeros(extra_rows, dtype=starts.dtype)])
-        batch = Batch(tokens, positions, mask[:, None])
-        logits = self.runner.logits_at(batch, starts, width, micro_batch_size=tokens.shape[0] // micro)
-        return logits[:rows].cpu()
+        return tokens, positions, mask, extra_rows
 
     def _another_forward(self, active: bool) -> bool:
         if not dist.is_initialized() or dist.get_world_size() == 1:

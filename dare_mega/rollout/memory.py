@@ -2,9 +2,9 @@
 engine that does not fit beside the trainer (trainer/backends.native_rollout).
 
 Weights: every Megatron tensor of the mapping table at full size (the engine holds the whole model), in the
-engine's dtype (rows that declare their own dtype, the router's expert bias, in theirs). KV cache: the
-engine's `KVCache.empty` for `rows` requests of `length` positions: keys and values per layer,
-[rows, kv_heads, length, head_dim].
+engine's dtype (rows that declare their own dtype, the router's expert bias, in theirs). KV cache: what the
+decoder's `BlockKVCache` allocates for `rows` requests whose canvases reach `length` positions: keys and
+values per layer, [rows + 1, kv_heads, length + block, head_dim] (a spare row and a block of room for padding).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def engine_bytes(args, table, dtype: torch.dtype, rows: int, length: int) -> Eng
         itemsize = torch.empty(0, dtype=binding.row.dtype or dtype).element_size()
         weights += sum(math.prod(spec.expected_shape(dims)) for spec in binding.row.hf) * itemsize
     per_position = 2 * args.num_layers * args.num_kv_heads * args.head_dim * torch.empty(0, dtype=dtype).element_size()
-    return EngineBytes(weights, rows * length * per_position, rows, length)
+    kv_cache = (rows + 1) * (length + args.diffusion.block_size) * per_position
+    return EngineBytes(weights, kv_cache, rows, length)
 
 
 def available_bytes(device: torch.device) -> int:

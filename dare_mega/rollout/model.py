@@ -11,42 +11,20 @@ the trainer (`row.to_megatron`), and the arithmetic is the Megatron model's: the
 
 A forward takes tokens [B, T] at explicit positions, attends to the cached keys of each row (positions
 below that row's cache length) plus, among the new tokens, what `new_mask` [B, T, T] allows, and can write
-the new keys and values into the cache at their positions (prefill and the commit pass of a finished block).
+the new keys and values into the cache at their positions (prefill and the commit pass of a finished block):
+diffusion/kv_cache.py, the same rule as the Megatron model's cached attention.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from dare_mega.diffusion.kv_cache import CachedBlocks
 from dare_mega.models import names, ops
 from dare_mega.models.args import ModelArgs
 from dare_mega.models.family import require_features
 from dare_mega.models.weight_mapping import LayoutContext, MappingTable
-
-
-@dataclass
-class KVCache:
-    """Keys and values per layer, [B, groups, max_len, head_dim], indexed by position; `lengths` [B]."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    lengths: torch.Tensor
-
-    @classmethod
-    def empty(cls, args: ModelArgs, batch: int, max_len: int, dtype, device) -> "KVCache":
-        shape = (batch, args.num_kv_heads, max_len, args.head_dim)
-        return cls(
-            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_layers)],
-            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_layers)],
-            torch.zeros(batch, dtype=torch.long, device=device),
-        )
-
-    def select(self, rows: torch.Tensor) -> "KVCache":
-        """Keep only these rows (finished requests leave the batch)."""
-        return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.lengths[rows])
 
 
 class InferenceModel(torch.nn.Module):
@@ -107,7 +85,7 @@ class InferenceModel(torch.nn.Module):
         cos, sin = ops.rope_tables(positions, self.inv_freq, x.dtype)
         return ops.apply_rope(x, cos[:, :, None], sin[:, :, None])
 
-    def _attention(self, layer: int, x, positions, cache: KVCache | None, new_mask, store: bool):
+    def _attention(self, layer: int, x, positions, cached: CachedBlocks | None, new_mask):
         a = self.args
         L = f"decoder.layers.{layer}"
         b, t, _ = x.shape
@@ -120,21 +98,11 @@ class InferenceModel(torch.nn.Module):
             k = self._rms(k, self.w(f"{L}.self_attention.k_layernorm.weight"), a.norm_eps)
         q, k = self._rope(q, positions), self._rope(k, positions)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
-        if cache is not None:
-            span = int(cache.lengths.max().item()) if cache.lengths.numel() else 0
-            cached = torch.arange(span, device=x.device)[None, :] < cache.lengths[:, None]  # [B, span]
-            keys = torch.cat([cache.keys[layer][:, :, :span], k], dim=2)
-            values = torch.cat([cache.values[layer][:, :, :span], v], dim=2)
-            allowed = torch.cat([cached[:, None, :].expand(b, t, span), new_mask], dim=2)
-            writers = store if isinstance(store, torch.Tensor) else torch.full((b,), bool(store), device=x.device)
-            if writers.any():
-                rows = torch.nonzero(writers)[:, 0]
-                cache.keys[layer][rows[:, None], :, positions[rows]] = k.transpose(1, 2)[rows]
-                cache.values[layer][rows[:, None], :, positions[rows]] = v.transpose(1, 2)[rows]
+        if cached is not None:
+            out = cached.attend(layer, q, k, v, d**-0.5)
         else:
-            keys, values, allowed = k, v, new_mask
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[:, None], enable_gqa=per_group > 1,
-                                             scale=d**-0.5)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=new_mask[:, None], enable_gqa=per_group > 1,
+                                                 scale=d**-0.5)
         out = out.transpose(1, 2).reshape(b, t, -1)
         return out @ self.w(f"{L}.self_attention.linear_proj.weight").T
 
@@ -179,18 +147,18 @@ class InferenceModel(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, new_mask: torch.Tensor,
-                cache: KVCache | None = None, store=False, logits: bool = True):
+                cached: CachedBlocks | None = None, logits: bool = True):
         """tokens, positions [B, T]; new_mask [B, T, T] (True = may attend) among the new tokens.
 
-        With a cache, every new token also sees its row's cached positions; `store` (a bool, or a bool [B]
-        per row) writes the new keys and values at their positions (the caller then advances
-        `cache.lengths`). Returns float32 logits [B, T, vocab], or None when `logits` is False."""
+        With `cached` (diffusion/kv_cache.py), every new token also sees its row's cached positions, and the
+        tokens it marks write their keys and values. Returns float32 logits [B, T, vocab], or None when
+        `logits` is False."""
         a = self.args
         x = self.w("embedding.word_embeddings.weight")[tokens]
         for layer in range(a.num_layers):
             L = f"decoder.layers.{layer}"
             h = self._rms(x, self.w(f"{L}.input_layernorm.weight"), a.norm_eps)
-            x = x + self._attention(layer, h, positions, cache, new_mask, store)
+            x = x + self._attention(layer, h, positions, cached, new_mask)
             h = self._rms(x, self.w(f"{L}.pre_mlp_layernorm.weight"), a.norm_eps)
             if a.layer_is_moe(layer):
                 x = x + self._moe(layer, h)

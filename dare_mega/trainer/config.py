@@ -250,9 +250,6 @@ class RLConfig:
                 raise ConfigError(f"{source}: {key}={value} must be >= 1")
         if self.train.pack_tokens < 0:
             raise ConfigError(f"{source}: train.pack_tokens={self.train.pack_tokens} must be >= 0 (0: no packing)")
-        if self.rollout.backend == "megatron" and self.rollout.cache:
-            raise ConfigError(f"{source}: rollout.backend=megatron does not implement the block KV cache yet; set "
-                              "rollout.cache=false (each forward recomputes the prefix)")
         if self.rollout.backend == "megatron" and self.algorithm.routing_replay == "rollout":
             raise ConfigError(f"{source}: algorithm.routing_replay=rollout with rollout.backend=megatron: the rollout "
                               "already routes with the trainer's own routers; use routing_replay=off")

@@ -1,7 +1,7 @@
 """Decodes with the Megatron rollout backend at one layout (under torchrun) and writes the completions (rank 0).
 
-Spec: {"cases": [{"hf": dir, "layout": {...ParallelLayout fields}, "params": [SamplingParams fields, ...]}],
-"prompts": [[ids], ...]}. Prompt i keeps seed 1000 + i; replica r decodes prompts r, r + dp, ... (uneven
+Spec: {"cases": [{"hf": dir, "layout": {...ParallelLayout fields}, "params": [SamplingParams fields, ...],
+"caches": [true, false] (the default: with and without the block KV cache)}], "prompts": [[ids], ...]}. Prompt i keeps seed 1000 + i; replica r decodes prompts r, r + dp, ... (uneven
 shares, so that replicas finish at different forwards).
 """
 
@@ -32,14 +32,14 @@ def main():
         engine = MegatronEngine(Runner(chunks, args))
         dp, replica = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         mine = list(range(replica, len(prompts), dp))
-        for fields in case["params"]:
+        for fields, cache in ((f, c) for f in case["params"] for c in case.get("caches", (True, False))):
             params = SamplingParams(**{**fields, "seeds": tuple(1000 + i for i in mine)})
-            completions = engine.generate([prompts[i] for i in mine], params, cache=False)
+            completions = engine.generate([prompts[i] for i in mine], params, cache=cache)
             shares = [None] * dp
             dist.all_gather_object(shares, [(i, c.to_dict()) for i, c in zip(mine, completions)],
                                    group=ps.get_data_parallel_group())
             ordered = sorted((pair for share in shares for pair in share), key=lambda pair: pair[0])
-            results.append({"hf": case["hf"], "layout": case["layout"], "params": fields,
+            results.append({"hf": case["hf"], "layout": case["layout"], "params": fields, "cache": cache,
                             "completions": [c for _, c in ordered], "forwards": engine.stats["forwards"]})
         ps.destroy_model_parallel()
     finish(env, sys.argv[2], results)
