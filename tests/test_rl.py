@@ -108,6 +108,9 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
     # the native engine: one per data-parallel replica, whose tensor-parallel partner receives its completions
     assert "rollouts on NativeEngine, one per data-parallel replica (2 for 4 ranks)" in said["tp2ep2_replay"]
     assert "routing replay rollout" in said["tp2ep2_replay"] and "routing replay off" in said["tp1"]
+    # the held-out evaluation, sharded over the two replicas, scores what one process scores
+    before = {n: [x for x in said[n].splitlines() if x.startswith("accuracy_before_rl=")][0].split()[0] for n in runs}
+    assert len(set(before.values())) == 1, before
     for other in (replayed, shards):
         assert one["reward_mean"] == other["reward_mean"] and one["response_length"] == other["response_length"]
         assert abs(one["loss"] - other["loss"]) <= 1e-5 * max(1.0, abs(one["loss"]))

@@ -28,6 +28,7 @@ from dare_mega.rollout.decoder import BlockDecoder
 
 class MegatronEngine(BlockDecoder):
     supports_cache = True
+    lockstep = True  # every replica calls generate, with [] when it has nothing to decode
 
     """generate(prompts, params, cache=False) on `runner`'s chunks; every rank calls it with its replica's
     prompts (the same on every tensor / pipeline rank of a replica)."""

@@ -78,8 +78,8 @@ def check_engine_fits(cfg: RLConfig, hf_dir: str, env, dtype, lead: bool, prompt
 
 
 def _engine_batch(cfg: RLConfig, hf_dir: str, prompts, block: int) -> tuple[int, int]:
-    """The most requests one engine decodes at once (a step's groups or the held-out evaluation) and the longest
-    canvas (the longest prompt plus new tokens, in whole blocks)."""
+    """The most requests one engine decodes at once (a step's groups or its share of the held-out evaluation) and
+    the longest canvas (the longest prompt plus new tokens, in whole blocks)."""
     from megatron.core import parallel_state as ps
 
     from dare_mega.data.tokenizer import load_tokenizer
@@ -87,8 +87,9 @@ def _engine_batch(cfg: RLConfig, hf_dir: str, prompts, block: int) -> tuple[int,
 
     tokenizer = load_tokenizer(hf_dir)
     longest = max((len(prompt_ids(p, tokenizer)) for p in prompts), default=0)
-    per_rank = cfg.rollout.prompts_per_step // ps.get_data_parallel_world_size()
-    rows = max(per_rank * cfg.rollout.n, cfg.task.heldout * max(cfg.eval.samples, 1))
+    replicas = ps.get_data_parallel_world_size()
+    per_rank = cfg.rollout.prompts_per_step // replicas
+    rows = max(per_rank * cfg.rollout.n, -(-cfg.task.heldout // replicas) * max(cfg.eval.samples, 1))
     new = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
     return rows, -(-(longest + new) // block) * block
 

@@ -24,7 +24,7 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     from dare_mega.parallel import destroy_distributed
 
     job = setup(cfg, rollout_backend)
-    before = phase.evaluate(job.engine, job.inputs.heldout, cfg)
+    before = phase.evaluate(job)
     announce(job, before)
     for step in range(job.start + 1, cfg.train.steps + 1):
         times = {}
@@ -44,7 +44,7 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         phase.save(job, step)
         if cfg.train.stop_after is not None and step >= cfg.train.stop_after:
             break
-    after = phase.evaluate(job.engine, job.inputs.heldout, cfg)
+    after = phase.evaluate(job)
     job.metrics.close()
     if job.env.is_main:
         print(f"held-out greedy accuracy {before['greedy']:.4f} -> {after['greedy']:.4f}", flush=True)

@@ -57,22 +57,41 @@ def bench_sampling(cfg: RLConfig):
     return params
 
 
-def evaluate(engine, records, cfg: RLConfig) -> dict:
+def evaluate(job) -> dict:
     """Held-out accuracy: greedy, and the mean over `eval.samples` samples at the rollout's temperature with fixed
-    seeds (what RL optimises). Every rank computes the same numbers."""
+    seeds (what RL optimises). Each data-parallel replica decodes its share of the prompts (seeds by global
+    index, so the numbers do not depend on the layout), its first model-parallel rank scores them, and the sums
+    are reduced over every rank: all ranks return the same numbers."""
     from dare_mega.rewards import score_records
+    from dare_mega.trainer.metrics import reduce_sums
 
-    def accuracy(completions, records):
-        outcomes = score_records([c.text for c in completions], records, cfg.reward)
-        return sum(o.score for o in outcomes) / len(outcomes)
+    cfg, records, engine = job.cfg, job.inputs.heldout, job.engine
+    replicas = dist.get_world_size(job.dp_group)
+    lo, hi = (len(records) * job.dp_rank // replicas, len(records) * (job.dp_rank + 1) // replicas)
+    k, total = cfg.eval.samples, len(records)
 
-    prompts = [r["prompt"] for r in records]
-    greedy = engine.generate(prompts, sampling(cfg, range(len(records)), greedy=True,
-                                               max_new_tokens=cfg.eval.max_new_tokens), cache=cfg.rollout.cache)
-    k = cfg.eval.samples
-    sampled = engine.generate(prompts * k, sampling(cfg, [10_000_019 + i for i in range(len(records) * k)],
-                                                    max_new_tokens=cfg.eval.max_new_tokens), cache=cfg.rollout.cache)
-    return {"greedy": accuracy(greedy, records), "sampled": accuracy(sampled, records * k)}
+    def score(indices, greedy):
+        wanted = [records[i % total] for i in indices]
+        params = sampling(cfg, indices if greedy else [10_000_019 + i for i in indices], greedy=greedy,
+                          max_new_tokens=cfg.eval.max_new_tokens)
+        if not wanted and not getattr(engine, "lockstep", False):
+            return 0.0
+        completions = engine.generate([r["prompt"] for r in wanted], params, cache=cfg.rollout.cache)
+        if not wanted or not is_scorer():
+            return 0.0
+        return sum(o.score for o in score_records([c.text for c in completions], wanted, cfg.reward))
+
+    sums = reduce_sums({"greedy": score(list(range(lo, hi)), True),
+                        "sampled": score([j * total + i for j in range(k) for i in range(lo, hi)], False)},
+                       None, job.env.device)
+    return {"greedy": sums["greedy"] / total, "sampled": sums["sampled"] / (total * k)}
+
+
+def is_scorer() -> bool:
+    """Whether this rank scores its replica's requests (its first model-parallel rank)."""
+    from megatron.core import parallel_state as ps
+
+    return dist.get_rank() == dist.get_global_rank(ps.get_model_parallel_group(), 0)
 
 
 @dataclass
@@ -125,7 +144,7 @@ def score(job, batch: Rollout) -> Scored:
     group = ps.get_model_parallel_group()
     scorer = dist.get_global_rank(group, 0)
     values = torch.zeros(len(batch.requests), 4, dtype=torch.float64)
-    if dist.get_rank() == scorer:
+    if is_scorer():
         log = (lambda message: print(message, file=sys.stderr, flush=True)) if job.env.is_main else None
         outcomes = score_records([c.text for c in batch.completions], batch.requests, job.cfg.reward, log)
         values = torch.tensor([[o.score, o.tests_passed or 0, o.tests_total or 0, float(o.status == "timeout")]
@@ -215,7 +234,7 @@ def log(job, step: int, lr: float, step_batch: StepBatch, stats: dict, times: di
     if cfg.eval.every and step % cfg.eval.every == 0:
         from dare_mega.eval.scoring import score_benchmarks
 
-        record.update({f"heldout_{k}": v for k, v in evaluate(job.engine, job.inputs.heldout, cfg).items()})
+        record.update({f"heldout_{k}": v for k, v in evaluate(job).items()})
         record.update({f"bench_{k}": v for k, v in score_benchmarks(job.engine, job.inputs.benchmarks,
                                                                     bench_sampling(cfg), cfg.reward).items()})
     job.metrics.log(record)
