@@ -73,7 +73,11 @@ def test_one_process_matches_the_native_engine(tiny_dir, world1):
 
 @pytest.mark.distributed
 def test_pipeline_stages_match_the_native_engine(tiny_dir, tmp_path):
-    results = decode(tmp_path, 2, [{"hf": tiny_dir[f], "layout": {"pp": 2}, "params": PARAMS} for f in FAMILIES])
+    """PP=2 for every family, and PP=2 with two virtual stages each (one layer per chunk) for LLaDA2-MoE."""
+    cases = [{"hf": tiny_dir[f], "layout": {"pp": 2}, "params": PARAMS} for f in FAMILIES]
+    cases.append({"hf": tiny_dir["llada2_moe"], "layout": {"pp": 2, "vpp": 2}, "params": PARAMS})
+    results = decode(tmp_path, 2, cases)
+    assert sum(r["layout"].get("vpp") == 2 for r in results) == 2 * len(PARAMS)
     check_against_native(results, tiny_dir)
 
 
@@ -116,3 +120,38 @@ def test_the_cli_writes_what_the_native_cli_writes(tiny_dir, tmp_path):
                 assert max(abs(x - y) for x, y in zip(a[key], b[key])) <= 1e-5
             else:
                 assert a[key] == b[key], key
+
+
+@pytest.mark.distributed
+def test_every_estimator_steps_alike_at_tp2_ep2_and_in_one_process(tiny_dir, world1, tmp_path):
+    """Every built-in estimator: rollouts on the trainer's own shards (block KV cache, sampled), one policy update;
+    at TP=2 (sequence parallel) x EP=2 on 4 ranks, two replicas with 1 and 2 of the prompts, the loss, gradient
+    norm, response tokens and every updated weight equal those of one process."""
+    import importlib
+    import sys
+
+    import torch
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "tests" / "workers"))
+    worker = importlib.import_module("estimator_step_worker")
+    spec = {"hf": tiny_dir["sdar_moe"], "prompts": [[5], [11, 12, 13, 14, 15], [7] * 6]}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "four").mkdir()
+    names = worker.run_estimators({**spec, "layout": {}, "out_dir": str(tmp_path / "one")})
+    spec_file, out = tmp_path / "spec.json", tmp_path / "names.json"
+    spec_file.write_text(json.dumps({**spec, "layout": {"tp": 2, "ep": 2}, "out_dir": str(tmp_path / "four")}))
+    proc = torchrun(4, ["tests/workers/estimator_step_worker.py", str(spec_file), str(out)], timeout=900)
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
+    assert json.loads(out.read_text()) == names and len(names) == 7
+    start = NativeEngine.from_pretrained(tiny_dir["sdar_moe"], tokenizer=False)
+    for name in names:
+        one, four = (torch.load(tmp_path / d / f"{name}.pt") for d in ("one", "four"))
+        assert one["tokens"] == four["tokens"], name
+        assert one["grad_norm"] > 0 and abs(one["grad_norm"] - four["grad_norm"]) <= 1e-5 * max(1, one["grad_norm"]), name
+        assert abs(one["loss"] - four["loss"]) <= 1e-5 * max(1.0, abs(one["loss"])), name
+        assert set(one["weights"]) == set(four["weights"]), name
+        worst = max(float((one["weights"][n] - four["weights"][n]).abs().max()) for n in one["weights"])
+        assert worst <= 1e-5, (name, worst)
+        moved = one["weights"]["model.embed_tokens.weight"] - start.model.weights["embedding.word_embeddings.weight"]
+        assert float(moved.abs().max()) > 1e-4, name  # the update did move the weights

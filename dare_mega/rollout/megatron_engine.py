@@ -82,11 +82,12 @@ class MegatronEngine(BlockDecoder):
         return self.runner.logits_at(batch, starts, width, micro_batch_size=batch.size // micro).cpu()
 
     def _pad(self, tokens, positions, mask):
-        """Rows to a multiple of the micro-batches, positions to a multiple of the tensor-parallel size under
+        """Rows to a multiple of the micro-batches (at least one each), positions to a multiple of the tensor-parallel size under
         sequence parallelism; padding attends only to itself. Returns (tokens, positions, mask, extra rows)."""
         rows, length = tokens.shape
-        micro = max(1, min(self.micro_batches, rows))
-        extra_rows = -rows % micro
+        # the interleaved (virtual-pipeline) schedule needs at least one micro-batch per stage
+        micro = self.micro_batches if len(self.runner.chunks) > 1 else max(1, min(self.micro_batches, rows))
+        extra_rows = -rows % micro if rows >= micro else micro - rows
         extra_len = -length % self.tp if self.sequence_parallel else 0
         if extra_rows or extra_len:
             tokens, positions, mask = _pad(tokens, positions, mask, extra_rows, extra_len)
