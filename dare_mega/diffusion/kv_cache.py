@@ -19,13 +19,16 @@ import torch
 import torch.nn.functional as F
 
 
-def attend_cached(q, k, v, cache_k, cache_v, rows, lengths, positions, new_mask, write, scale: float):
+def attend_cached(q, k, v, cache_k, cache_v, rows, lengths, positions, new_mask, write, scale: float,
+                  span: int | None = None):
     """q [b, heads, t, d]; k, v [b, groups, t, d] (the new tokens, rotated); cache_k / cache_v
     [rows_total, groups, max_len, d]; rows [b] (each row's cache row), lengths [b] (its cached positions),
     positions [b, t], new_mask bool [b, t, t] (True = may attend), write bool [b, t] (store these tokens at their
-    positions, after they are read). Returns [b, heads, t, d]."""
+    positions, after they are read); span: how many cached positions to read (at least max(lengths); given, it
+    saves a device sync per layer). Returns [b, heads, t, d]."""
     b, t = positions.shape
-    span = int(lengths.max()) if lengths.numel() else 0
+    if span is None:
+        span = int(lengths.max()) if lengths.numel() else 0
     cached = torch.arange(span, device=q.device)[None, :] < lengths[:, None]  # [b, span]
     keys = torch.cat([cache_k[rows, :, :span], k], dim=2)
     values = torch.cat([cache_v[rows, :, :span], v], dim=2)
@@ -70,16 +73,21 @@ class CachedBlocks:
     positions: torch.Tensor
     new_mask: torch.Tensor
     write: torch.Tensor
+    span: int = -1  # cached positions every row reads (-1: max(lengths), taken while `lengths` is on the CPU)
+
+    def __post_init__(self):
+        if self.span < 0:
+            self.span = int(self.lengths.max()) if self.lengths.numel() else 0
 
     def attend(self, layer, q, k, v, scale: float):
         cache_k, cache_v = self.cache.layer(layer, k)
         return attend_cached(q, k, v, cache_k, cache_v, self.rows, self.lengths, self.positions, self.new_mask,
-                             self.write, scale)
+                             self.write, scale, self.span)
 
     def select(self, start: int, stop: int) -> "CachedBlocks":
         return CachedBlocks(self.cache, self.rows[start:stop], self.lengths[start:stop],
-                            self.positions[start:stop], self.new_mask[start:stop], self.write[start:stop])
+                            self.positions[start:stop], self.new_mask[start:stop], self.write[start:stop], self.span)
 
     def to(self, device) -> "CachedBlocks":
         return CachedBlocks(self.cache, *(t.to(device) for t in (self.rows, self.lengths, self.positions,
-                                                                  self.new_mask, self.write)))
+                                                                  self.new_mask, self.write)), self.span)

@@ -35,7 +35,8 @@ class ReplicaEngine:
 
     @property
     def stats(self) -> dict:
-        return self._share(lambda: dict(self.engine.stats))
+        """The leader's decoding counters (empty on the other ranks: reading them is not a collective)."""
+        return dict(self.engine.stats) if self.is_leader else {}
 
     def generate(self, prompts, params=None, cache: bool = True):
         return self._share(lambda: self.engine.generate(prompts, params, cache=cache))
