@@ -5,9 +5,9 @@ Megatron's pipeline schedule, TP with SP, PP with VPP, EP / ETP), so what genera
 the trainer scores, and there is nothing to copy or sync after an update. Every rank of one data-parallel
 replica runs the same decoding loop on the same requests with the same seeds; the logits of each row's current
 block come back, full-vocabulary, to every rank of the replica, so all of them sample the same tokens. Replicas
-decode their own requests; because expert-parallel all-to-alls span replicas, all ranks run each forward
-together (one all-reduce per forward says whether any replica still decodes, and a replica that is done runs
-a one-row forward meanwhile).
+decode their own requests. When expert-parallel all-to-alls span replicas (MoE at EP > 1), all ranks run each
+forward together (one all-reduce per forward says whether any replica still decodes, and a replica that is
+done runs a one-row forward meanwhile); otherwise each replica decodes on its own.
 
 The block KV cache (`cache=True`, the default) lives in the attention of each rank's own layers: a forward's
 mask is a `CachedBlocks` (diffusion/kv_cache.py) that Megatron hands, sliced per micro-batch, to the core
@@ -43,6 +43,8 @@ class MegatronEngine(BlockDecoder):
         self.micro_batches = micro_batches or ps.get_pipeline_model_parallel_world_size()
         self.tp = ps.get_tensor_model_parallel_world_size()
         self.sequence_parallel = runner.config.sequence_parallel
+        # only expert-parallel all-to-alls span replicas; without them each replica decodes on its own
+        self.across_replicas = bool(runner.args.moe) and ps.get_expert_model_parallel_world_size() > 1
 
     def generate(self, prompts, params=None, cache: bool = True):
         """As BlockDecoder.generate; a replica with no prompts this round (`[]`) still runs its share of the
@@ -94,7 +96,7 @@ class MegatronEngine(BlockDecoder):
         return tokens, positions, mask, extra_rows
 
     def _another_forward(self, active: bool) -> bool:
-        if not dist.is_initialized() or dist.get_world_size() == 1:
+        if not self.across_replicas:
             return active
         flag = torch.tensor([int(active)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
