@@ -104,6 +104,7 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
     # rollouts on the trainer's own shards (rollout.backend=megatron) sample the native engine's tokens, and the
     # trainer scores exactly what generated them
     assert shards["rollout_train_gap"] < 1e-6 and shards["router_mismatch"] is None
+    assert shards["clip_fraction"] == 0.0  # the first PPO ratio is exactly 1: nothing is clipped
     assert "rollouts on MegatronEngine" in said["tp2ep2_megatron"]
     # the native engine: one per data-parallel replica, whose tensor-parallel partner receives its completions
     assert "rollouts on NativeEngine, one per data-parallel replica (2 for 4 ranks)" in said["tp2ep2_replay"]
