@@ -61,13 +61,13 @@ class MegatronEngine(BlockDecoder):
 
     def _block_logits(self, tokens, positions, mask, starts, width):
         rows = tokens.shape[0]
-        tokens, positions, mask, extra = self._pad(tokens, positions, mask)
+        tokens, positions, mask, extra = self._padded(tokens, positions, mask)
         starts = torch.cat([starts, torch.zeros(extra, dtype=starts.dtype)])
         return self._logits(Batch(tokens, positions, mask[:, None]), starts, width)[:rows]
 
     def _cached_forward(self, cache, slots, lengths, tokens, positions, new_mask, write, logits):
         rows, length = tokens.shape
-        tokens, positions, new_mask, extra = self._pad(tokens, positions, new_mask)
+        tokens, positions, new_mask, extra = self._padded(tokens, positions, new_mask)
         pad_cols = tokens.shape[1] - length
         # padding rows read and write the spare cache row (none of theirs is written); padding positions write
         # nothing
@@ -83,7 +83,7 @@ class MegatronEngine(BlockDecoder):
         micro = max(1, min(self.micro_batches, batch.size))
         return self.runner.logits_at(batch, starts, width, micro_batch_size=batch.size // micro).cpu()
 
-    def _pad(self, tokens, positions, mask):
+    def _padded(self, tokens, positions, mask):
         """Rows to a multiple of the micro-batches (at least one each), positions to a multiple of the tensor-parallel size under
         sequence parallelism; padding attends only to itself. Returns (tokens, positions, mask, extra rows)."""
         rows, length = tokens.shape
