@@ -58,19 +58,17 @@ def check_engine_fits(cfg: RLConfig, hf_dir: str, env, dtype, lead: bool, prompt
         rows, length = _engine_batch(cfg, hf_dir, prompts, args.diffusion.block_size)
         need = engine_bytes(args, mapping_for(args), dtype, rows, length)
     host = socket.gethostname() if env.device.type == "cpu" else f"{socket.gethostname()}:{env.device}"
-    mine = (host, need, reserve_bytes, free, dist.get_rank())
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+    dist.all_gather_object(everyone, (host, need, reserve_bytes, free))
     for where in dict.fromkeys(h for h, *_ in everyone):
         here = [e for e in everyone if e[0] == where]
         engines = [e[1] for e in here if e[1] is not None]
-        wanted = sum(e.total for e in engines) + sum(e[2] for e in here)
+        engine_total, reserved = sum(e.total for e in engines), sum(e[2] for e in here)
         available = min(e[3] for e in here)
-        reserved = sum(e[2] for e in here)
-        if engines and wanted > available:
+        if engines and engine_total + reserved > available:
             e = engines[0]
             raise ConfigError(
-                f"rollout.backend=native: {len(engines)} engine(s) on {where} need {gib(wanted - reserved)} and the "
+                f"rollout.backend=native: {len(engines)} engine(s) on {where} need {gib(engine_total)} and the "
                 f"trainer's optimizer state still to come {gib(reserved)}, but {gib(available)} is free. Each engine "
                 f"holds the whole model ({gib(e.weights)} of weights in {str(dtype).removeprefix('torch.')}) and a KV "
                 f"cache ({gib(e.kv_cache)} for {e.rows} requests x {e.length} positions). Use "
