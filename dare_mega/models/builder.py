@@ -17,6 +17,7 @@ from dare_mega.models.args import ModelArgs
 from dare_mega.models.family import family_for, require_features
 from dare_mega.models.gpt import DiffusionGPTModel
 from dare_mega.models.hf_loader import check_hf_checkpoint, load_hf_weights
+from dare_mega.models.recompute import apply_recompute
 from dare_mega.models.spec import decoder_block_spec
 from dare_mega.models.transformer_config import (
     RuntimeOptions,
@@ -107,6 +108,7 @@ def build_model(args: ModelArgs, layout: ParallelLayout, options: RuntimeOptions
         if torch.cuda.is_available() and not any(p.is_meta for p in model.parameters()):
             model.cuda(torch.cuda.current_device())  # a model built on meta (save_from_hf) only describes shards
         model.dare_args = args  # the architecture travels with the model (mapping, export, weight sync)
+        apply_recompute(model, options.recompute_granularity)
         chunks.append(model)
     return chunks
 

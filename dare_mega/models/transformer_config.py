@@ -150,9 +150,7 @@ def transformer_config(args: ModelArgs, layout: ParallelLayout, options: Runtime
         # gloo on one host: overlapping batched p2p with the same peer both ways gives wrong losses (VPP)
         batch_p2p_comm=on_gpu,
         deallocate_pipeline_outputs=True,
-        recompute_granularity=options.recompute_granularity,
-        recompute_method="uniform" if options.recompute_granularity == "full" else None,
-        recompute_num_layers=1 if options.recompute_granularity == "full" else None,
+        # recompute_granularity is applied by models/recompute.py (Megatron's cannot carry our masks)
     )
     if args.moe:
         moe = args.moe

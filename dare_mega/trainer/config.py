@@ -71,6 +71,9 @@ class TrainSection:
     steps: int = 100
     micro_batches: int = 1  # per data-parallel rank per step
     seed: int = 1234
+    # activation recomputation in the backward: none, selective (Megatron's core-attention recompute), full
+    # (every layer's input kept, the layer recomputed; uniform, one layer per checkpoint)
+    recompute: str = field(default="none", metadata=choices("none", "selective", "full"))
     stop_after: int | None = None  # end the process after this step (tests, schedulers with time limits)
 
 
@@ -219,6 +222,9 @@ class RLTrainSection:
     # padded to the longest); micro_batch_size counts those sequences
     pack_tokens: int = 4096
     micro_batch_size: int = 1
+    recompute: str = field(default="none", metadata=choices("none", "selective", "full"))  # as in SFT's train
+    # the optimizer state and gradient buffers leave the device for the rollout phase (trainer/offload.py)
+    offload: bool = False
     stop_after: int | None = None
 
 
@@ -250,6 +256,10 @@ class RLConfig:
                 raise ConfigError(f"{source}: {key}={value} must be >= 1")
         if self.train.pack_tokens < 0:
             raise ConfigError(f"{source}: train.pack_tokens={self.train.pack_tokens} must be >= 0 (0: no packing)")
+        if self.algorithm.routing_replay == "rollout" and self.train.recompute != "none":
+            raise ConfigError(f"{source}: algorithm.routing_replay=rollout with train.recompute="
+                              f"{self.train.recompute}: a recomputed forward would route afresh (Megatron's replay "
+                              "of the backward is not wired here); turn one of them off")
         if self.rollout.backend == "megatron" and self.algorithm.routing_replay == "rollout":
             raise ConfigError(f"{source}: algorithm.routing_replay=rollout with rollout.backend=megatron: the rollout "
                               "already routes with the trainer's own routers; use routing_replay=off")

@@ -1,7 +1,7 @@
 """RL for diffusion LLMs on Megatron-Core: `python -m dare_mega.trainer.rl --config FILE [section.key=value ...]`
 
 The loop, as in slime's train loop: set-up (trainer/rl_setup.py), then per step the named phases of
-trainer/rl_phases.py: rollout (this rank's whole groups, engine weights of version step - 1) -> score ->
+trainer/rl_phases.py: [offload] -> rollout (this rank's whole groups, engine weights of version step - 1) -> score ->
 advantages -> update (on Megatron) -> sync (the engine gets version step) -> log -> save. Rollouts are
 sharded over data-parallel ranks: with the native engine, the first rank of each replica decodes and its tensor /
 pipeline ranks receive the completions; on the Megatron backend all ranks of a replica decode together.
@@ -28,11 +28,15 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
     announce(job, before)
     for step in range(job.start + 1, cfg.train.steps + 1):
         times = {}
+        with timed(times, "offload"):  # train.offload: optimizer state and gradients off the device
+            phase.offload(job)
         with timed(times, "rollout"):
             rollout = phase.rollout(job, step)
         with timed(times, "reward"):
             scored = phase.score(job, rollout)
             batch = phase.advantages(job, rollout, scored)
+        with timed(times, "offload"):
+            phase.reload(job)
         lr = job.optimizer.param_groups[0]["lr"]
         with timed(times, "update"):
             stats = phase.update(job, rollout, batch)

@@ -1,5 +1,6 @@
 """The phases of one RL step (trainer/rl.py runs them in order) and the held-out evaluation.
 
+offload     train.offload: the optimizer state and gradient buffers leave the device (back before update)
 rollout     this rank's whole groups of the step's prompts, decoded by the engine (weights of version step - 1)
 score       rewards (each sample scored once, in the reward pool of its first model-parallel rank)
 advantages  group advantages -> estimator samples; the step's global totals (samples, tokens, rewards)
@@ -174,6 +175,17 @@ def advantages(job, batch: Rollout, scored: Scored) -> StepBatch:
     return StepBatch(samples, totals)
 
 
+def offload(job) -> None:
+    """train.offload: the optimizer state and gradient buffers leave the device until `reload`."""
+    if job.offload is not None:
+        job.offload.offload()
+
+
+def reload(job) -> None:
+    if job.offload is not None:
+        job.offload.reload()
+
+
 def update(job, batch: Rollout, step_batch: StepBatch) -> dict:
     """One policy update; `seconds_logprob` in the result is the old / reference passes' share of its time."""
     from dare_mega.algorithms.estimators import Totals
@@ -228,7 +240,7 @@ def log(job, step: int, lr: float, step_batch: StepBatch, stats: dict, times: di
         "router_mismatch": router["differ"] / router["tokens"] if router["tokens"] else None,
         "padding": stats["padding"], "tokens_per_s": totals["completion_tokens"] / seconds, "seconds": seconds,
         "weight_version": step,
-        **{f"time_{k}": times[k] for k in ("rollout", "reward", "logprob", "update", "weight_refresh")},
+        **{f"time_{k}": times[k] for k in ("offload", "rollout", "reward", "logprob", "update", "weight_refresh")},
     }
     cfg = job.cfg
     if cfg.eval.every and step % cfg.eval.every == 0:

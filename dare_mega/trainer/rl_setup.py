@@ -124,6 +124,7 @@ class RLJob:
     dp_rank: int
     dp_group: object
     per_rank: int  # prompts per data-parallel rank and step
+    offload: object | None = None  # TrainerOffload with train.offload
 
     @property
     def replay(self) -> bool:
@@ -145,10 +146,12 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
     from dare_mega.parallel import init_distributed, init_model_parallel
     from dare_mega.trainer.backends import megatron_rollout, native_rollout, sglang_rollout
     from dare_mega.trainer.metrics import Metrics
+    from dare_mega.trainer.offload import TrainerOffload
     from dare_mega.trainer.setup import (
         build_optimizer,
         checkpoint_dir,
         pending_optimizer_state_bytes,
+        recompute,
         resume,
         training_meta,
     )
@@ -169,7 +172,8 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
     dtype = params_dtype(cfg.model.dtype, env.device)
     bias_rate = 0.0 if a.freeze_expert_bias else a.expert_bias_update_rate
     chunks, args = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype, expert_bias_update_rate=bias_rate,
-                                                                routing_replay=replay),
+                                                                routing_replay=replay,
+                                                                recompute_granularity=recompute(cfg.train)),
                                  cfg.model.mask_token_id, cfg.model.block_size)
     if cfg.model.init:
         load_into(chunks, cfg.model.init)
@@ -177,6 +181,7 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
     chunks = wrap_for_training(chunks, distributed_optimizer=True)
     optimizer, scheduler = build_optimizer(cfg, chunks, dtype)
     runner = Runner(chunks, args)
+    offload = TrainerOffload(chunks, optimizer) if cfg.train.offload else None
 
     # the engine and the weights' way to it
     if cfg.rollout.backend == "megatron" and rollout_backend is None:
@@ -226,4 +231,5 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
                       ("reward_mean", "loss", "clip_fraction", "tokens_per_s"))
     return RLJob(cfg, inputs, env, args, chunks, optimizer, scheduler, runner, ref_runner, engine, weights, estimator,
                  loss_cfg, routing_probe, metrics, start, checkpoint_dir(cfg), meta, assets,
-                 ps.get_data_parallel_rank(), ps.get_data_parallel_group(), cfg.rollout.prompts_per_step // dp)
+                 ps.get_data_parallel_rank(), ps.get_data_parallel_group(), cfg.rollout.prompts_per_step // dp,
+                 offload)

@@ -44,6 +44,11 @@ def preflight(cfg, hf_dir: str, world_size: int):
     return args, layout
 
 
+def recompute(train) -> str | None:
+    """train.recompute as Megatron's recompute_granularity (None: keep every activation)."""
+    return None if train.recompute == "none" else train.recompute
+
+
 def build_optimizer(cfg, chunks, params_dtype):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
