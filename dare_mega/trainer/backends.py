@@ -80,16 +80,9 @@ def _engine_batch(cfg: RLConfig, hf_dir: str, prompts, block: int) -> tuple[int,
     the longest canvas (the longest prompt plus new tokens, in whole blocks)."""
     from megatron.core import parallel_state as ps
 
-    from dare_mega.data.tokenizer import load_tokenizer
-    from dare_mega.rollout.types import prompt_ids
+    from dare_mega.trainer.memory_plan import canvas, longest_prompt, rollout_rows
 
-    tokenizer = load_tokenizer(hf_dir)
-    longest = max((len(prompt_ids(p, tokenizer)) for p in prompts), default=0)
-    replicas = ps.get_data_parallel_world_size()
-    per_rank = cfg.rollout.prompts_per_step // replicas
-    rows = max(per_rank * cfg.rollout.n, -(-cfg.task.heldout // replicas) * max(cfg.eval.samples, 1))
-    new = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
-    return rows, -(-(longest + new) // block) * block
+    return rollout_rows(cfg, ps.get_data_parallel_world_size()), canvas(cfg, longest_prompt(hf_dir, prompts), block)
 
 
 def megatron_rollout(runner, hf_dir: str):

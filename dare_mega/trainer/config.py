@@ -94,6 +94,16 @@ class LoggingSection:
 
 
 @dataclass
+class PlanSection:
+    """The memory plan every launch checks first (trainer/memory_plan.py; `python -m dare_mega.plan`)."""
+
+    override: bool = False  # an expert's key: start although the plan says a GPU overflows (logged)
+    reserved_gib: float = 4.0  # per GPU, outside the plan: CUDA context, NCCL buffers, allocator slack
+    prompt_tokens: int = 1024  # RL: the longest prompt the plan assumes (KV cache, unpacked rows)
+    gpu_memory_gib: float | None = None  # default: the GPU's; on CPUs the host's memory per local rank
+
+
+@dataclass
 class SFTConfig:
     run_dir: str = "runs/sft"
     model: ModelSection = field(default_factory=ModelSection)
@@ -104,6 +114,7 @@ class SFTConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    plan: PlanSection = field(default_factory=PlanSection)
 
     def check(self, source: str = "config") -> None:
         """Checks that need no model: positive sizes and sane ranges."""
@@ -208,6 +219,7 @@ class EvalSection:
     every: int = 0  # 0: only before and after
     max_new_tokens: int | None = None  # default: rollout.max_new_tokens
     samples: int = 4  # completions per held-out prompt for the sampled accuracy
+    batch_size: int = 0  # held-out requests a replica decodes per call (0: its whole share at once); bounds the KV cache
     metric: str = field(default="sampled", metadata=choices("sampled", "greedy"))  # the one the last line reports
     tasks: list[str] = field(default_factory=list)  # benchmark files scored every `every` steps (dare_mega.eval)
     data: str | None = None  # their directory (default $COMPASS_DATA_CACHE)
@@ -243,6 +255,7 @@ class RLConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    plan: PlanSection = field(default_factory=PlanSection)
 
     def check(self, source: str = "config") -> None:
         positive = {"rollout.prompts_per_step": self.rollout.prompts_per_step, "rollout.n": self.rollout.n,
@@ -254,6 +267,9 @@ class RLConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{source}: {key}={value} must be >= 1")
+        if self.eval.batch_size < 0:
+            raise ConfigError(f"{source}: eval.batch_size={self.eval.batch_size} must be >= 0 (0: a replica's whole "
+                              "share per call)")
         if self.train.pack_tokens < 0:
             raise ConfigError(f"{source}: train.pack_tokens={self.train.pack_tokens} must be >= 0 (0: no packing)")
         if self.algorithm.routing_replay == "rollout" and self.train.recompute != "none":

@@ -71,7 +71,7 @@ def evaluate(job) -> dict:
     lo, hi = (len(records) * job.dp_rank // replicas, len(records) * (job.dp_rank + 1) // replicas)
     k, total = cfg.eval.samples, len(records)
 
-    def score(indices, greedy):
+    def decode(indices, greedy):
         wanted = [records[i % total] for i in indices]
         params = sampling(cfg, indices if greedy else [10_000_019 + i for i in indices], greedy=greedy,
                           max_new_tokens=cfg.eval.max_new_tokens)
@@ -82,8 +82,15 @@ def evaluate(job) -> dict:
             return 0.0
         return sum(o.score for o in score_records([c.text for c in completions], wanted, cfg.reward))
 
-    sums = reduce_sums({"greedy": score(list(range(lo, hi)), True),
-                        "sampled": score([j * total + i for j in range(k) for i in range(lo, hi)], False)},
+    def score(indices, greedy, largest_share):
+        # eval.batch_size requests per call; every replica makes as many calls as the largest share needs
+        # (lockstep engines decode together), the seeds stay those of the global indices
+        size = cfg.eval.batch_size or max(largest_share, 1)
+        return sum(decode(indices[start : start + size], greedy) for start in range(0, max(largest_share, 1), size))
+
+    share = -(-total // replicas)
+    sums = reduce_sums({"greedy": score(list(range(lo, hi)), True, share),
+                        "sampled": score([j * total + i for j in range(k) for i in range(lo, hi)], False, share * k)},
                        None, job.env.device)
     return {"greedy": sums["greedy"] / total, "sampled": sums["sampled"] / (total * k)}
 

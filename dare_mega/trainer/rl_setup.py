@@ -64,7 +64,8 @@ class Inputs:
 def check_inputs(cfg: RLConfig) -> Inputs:
     from dare_mega.algorithms.estimators import ESTIMATORS
     from dare_mega.rewards import prepare
-    from dare_mega.trainer.setup import ensure_model_dir, preflight
+    from dare_mega.trainer.memory_plan import longest_prompt
+    from dare_mega.trainer.setup import check_plan, ensure_model_dir, preflight
 
     train, heldout, reward_names = task_records(cfg)
 
@@ -80,7 +81,10 @@ def check_inputs(cfg: RLConfig) -> Inputs:
         for name in dict.fromkeys(BENCHMARKS[t].reward for t in cfg.eval.tasks if t in BENCHMARKS):
             prepare(name, cfg.reward, log=announce)
     hf_dir = ensure_model_dir(cfg)
-    args, layout = preflight(cfg, hf_dir, int(os.environ.get("WORLD_SIZE", "1")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args, layout = preflight(cfg, hf_dir, world)
+    check_plan(cfg, args, world, rl=True,
+               prompt_tokens=longest_prompt(hf_dir, [r["prompt"] for r in train + heldout]))
     if cfg.algorithm.routing_replay == "rollout" and not args.moe:
         raise ConfigError(f"algorithm.routing_replay=rollout: {args.architecture} ({hf_dir}) has no MoE routers to "
                           "replay; use routing_replay=off")

@@ -49,6 +49,55 @@ def recompute(train) -> str | None:
     return None if train.recompute == "none" else train.recompute
 
 
+def check_plan(cfg, args, world: int, rl: bool, prompt_tokens: int | None = None) -> dict:
+    """The memory plan (trainer/memory_plan.py) for this launch, before any process group or model: a layout
+    that overflows a GPU is refused with the phase, its parts and the numbers, unless plan.override (then the
+    warning is printed and recorded in RUN_DIR/plan.json)."""
+    import sys
+
+    from dare_mega.diffusion.attention import resolve_backend
+    from dare_mega.errors import ConfigError
+    from dare_mega.models.transformer_config import params_dtype
+    from dare_mega.rollout.memory import GIB
+    from dare_mega.trainer.memory_plan import plan
+
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
+        torch.device("cpu")
+    if cfg.plan.gpu_memory_gib is not None:
+        memory = int(cfg.plan.gpu_memory_gib * GIB)
+    elif device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = _host_memory() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    result = plan(cfg, args, world, memory, rl, dtype=params_dtype(cfg.model.dtype, device),
+                  attention=resolve_backend("auto"), prompt_tokens=prompt_tokens)
+    record = {**result.to_dict(), "override": bool(cfg.plan.override and not result.fits)}
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not result.fits and not cfg.plan.override:
+        raise ConfigError(f"memory plan ({result.world} GPUs): {result.verdict()}. Change the layout, "
+                          "train.offload / train.recompute / the batch, or set plan.override=true to start anyway "
+                          "(python -m dare_mega.plan prints every part)")
+    if main:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.run_dir, "plan.json.tmp"), "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(os.path.join(cfg.run_dir, "plan.json.tmp"), os.path.join(cfg.run_dir, "plan.json"))
+        if record["override"]:
+            print(f"WARNING plan.override=true: starting although the memory plan says {result.verdict()}",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"memory plan: {result.verdict()}", file=sys.stderr, flush=True)
+    return record
+
+
+def _host_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def build_optimizer(cfg, chunks, params_dtype):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler

@@ -23,6 +23,7 @@ from dare_mega.errors import ConfigError, exit_status
 from dare_mega.trainer.config import SFTConfig
 from dare_mega.trainer.setup import (
     build_optimizer,
+    check_plan,
     checkpoint_dir,
     ensure_model_dir,
     parse_args,
@@ -82,6 +83,7 @@ def run(cfg: SFTConfig) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args, layout = preflight(cfg, hf_dir, world)
     check_budget(cfg, args, layout)
+    check_plan(cfg, args, world, rl=False)
     env = init_distributed()
     init_model_parallel(layout, seed=cfg.train.seed)
     # the data is read, tokenized, packed and dealt (a bad record named) before any model or optimizer exists
