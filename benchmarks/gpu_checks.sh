@@ -16,6 +16,8 @@
 #                FlexAttention then SDPA (if SDPA fails at 4096, both again at 2048)
 #   weight_sync  benchmarks/weight_sync.py at TP=1 x EP=1 (one GPU: one process), 1.28 GB fp32 model
 #   rollout      benchmarks/rollout.py (trains the small model 300 steps, then cache / no cache, static / dynamic)
+#   memory_*     benchmarks/memory.py: the memory plan vs torch.cuda.max_memory_allocated per phase, and the
+#                offload's seconds, for the SDAR-1.7B shape and SDAR-30B-A3B's with 4 layers
 #   rl_step      benchmarks/rl_step.py, cached+packed vs nocache+padded, 3 steps
 #
 # Output, flat in $OUT (default outputs/gpu_checks): gpu_checks.log (every step's output, appended as it
@@ -141,12 +143,16 @@ if [[ $SMOKE == 1 ]]; then
     IPC_ARGS=(--layers 1 --hidden 128 --bucket-mb 4)
     RO_ARGS=(--train-steps 5 --new-tokens 16 --batch 2)
     RL_ARGS=(--steps 2 --prompts 1 --n 2 --max-new-tokens 16 --threads 2)
+    MEM_DENSE=(--preset tiny-sdar --tokens 64 --new-tokens 8 --rows 2)
+    MEM_MOE=(--preset tiny-sdar-moe --tokens 64 --new-tokens 8 --rows 2)
 else
     FB_PRESET=sdar-1.7b-chat FB_LEN=4096 FB_LEN2=2048 FB_STEPS=(--steps 5 --warmup 2) FB_ATTN=(flex sdpa)
     WS_ARGS=(--repeat 2)
     IPC_ARGS=()
     RO_ARGS=()
     RL_ARGS=(--steps 3)
+    MEM_DENSE=(--preset sdar-1.7b-chat --tokens 4096 --new-tokens 256 --rows 16)
+    MEM_MOE=(--preset sdar-30b-a3b-chat --layers 4 --tokens 4096 --new-tokens 256 --rows 16)
 fi
 
 # ---- a. environment ---------------------------------------------------------------------------------
@@ -198,6 +204,8 @@ if [[ $SMOKE != 1 && ${fb_rc:-0} != 0 ]]; then  # SDPA's dense mask did not fit 
 fi
 step weight_sync 90 "$PY" benchmarks/weight_sync.py --tp 1 --ep 1 "${WS_ARGS[@]}" --out "$RES/weight_sync.json"
 step rollout 120 "$PY" benchmarks/rollout.py "${RO_ARGS[@]}" --workdir "$WORK/rollout" --out "$RES/rollout.json"
+step memory_dense 90 "$PY" benchmarks/memory.py "${MEM_DENSE[@]}" --out "$RES/memory-dense.json"
+step memory_moe 120 "$PY" benchmarks/memory.py "${MEM_MOE[@]}" --out "$RES/memory-moe.json"
 step rl_step 240 "$PY" benchmarks/rl_step.py "${RL_ARGS[@]}" --variants cached+packed,nocache+padded \
     --out "$RES/rl_step.json"
 

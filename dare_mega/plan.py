@@ -54,6 +54,9 @@ def run(options) -> int:
     rl = options.kind == "rl" if options.kind else is_rl(options.config)
     cfg = load_config(RLConfig if rl else SFTConfig, options.config, options.overrides)
     args, source = model_args(cfg)
+    if options.nodes < 1 or options.gpus_per_node < 1 or options.gpu_memory_gib <= 0:
+        raise ConfigError(f"--nodes {options.nodes} and --gpus-per-node {options.gpus_per_node} must be >= 1, "
+                          f"--gpu-memory-gib {options.gpu_memory_gib} > 0")
     world = options.nodes * options.gpus_per_node
     result = plan(cfg, args, world, int(options.gpu_memory_gib * GIB), rl)
     p = cfg.parallel

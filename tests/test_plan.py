@@ -106,8 +106,13 @@ def test_the_plan_says_when_a_recipe_does_not_fit(capsys):
     out = capsys.readouterr().out
     rollout = next(line for line in out.splitlines() if line.startswith("peak rollout"))
     assert "optimizer_state" not in rollout and "gradients" not in rollout and "parameters" in rollout
-    # a layout the world cannot hold is named
+    # a layout the world cannot hold, or a cluster that is no cluster, is named
     assert main(["--config", recipe, "--nodes", "1", "--gpus-per-node", "4", "--gpu-memory-gib", "80"]) == 2
+    assert main(["--config", recipe, "--nodes", "0", "--gpus-per-node", "8", "--gpu-memory-gib", "80"]) == 2
+    assert main(["--config", recipe, "--nodes", "8", "--gpus-per-node", "8", "--gpu-memory-gib", "80",
+                 "plan.reserved_gib=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "parallel layout" in err and "--nodes 0" in err and "plan.reserved_gib=-1" in err
 
 
 def test_offload_and_recompute_lower_the_phases_they_should(tiny_dir):

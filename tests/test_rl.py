@@ -77,7 +77,7 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
     norm and every updated weight, the step at TP=2 x EP=2 (sequence parallel) on 4 processes with routing replay
     on (here the fp32 engine and Megatron choose the same experts, so replaying them is the identity and the
     replayed and free steps must agree), and the step at TP=2 x EP=2 whose rollouts run on the trainer's own
-    Megatron shards. Adam with eps=1 makes the first update smooth in the gradient, so the weights compare the
+    Megatron shards, with train.offload, full recompute and eval.batch_size=1. Adam with eps=1 makes the first update smooth in the gradient, so the weights compare the
     gradients, not only their signs."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -90,7 +90,10 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
               "train.micro_batch_size=1", "train.pack_tokens=64"]
     tp2ep2 = ["parallel.tp=2", "parallel.ep=2"]
     runs = {"tp1": (1, []), "tp2ep2_replay": (4, [*tp2ep2, "algorithm.routing_replay=rollout"]),
-            "tp2ep2_megatron": (4, [*tp2ep2, "rollout.backend=megatron"])}
+            # with the memory savers: optimizer state and gradients off the device during the rollout, every
+            # layer recomputed in the backward, the held-out evaluation one request per call
+            "tp2ep2_megatron": (4, [*tp2ep2, "rollout.backend=megatron", "train.offload=true", "train.recompute=full",
+                                    "eval.batch_size=1"])}
     said = {}
     for name, (nproc, layout) in runs.items():
         proc = rl(nproc, tmp_path / name, *common, *layout)
@@ -106,6 +109,8 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
     assert shards["rollout_train_gap"] < 1e-6 and shards["router_mismatch"] is None
     assert shards["clip_fraction"] == 0.0  # the first PPO ratio is exactly 1: nothing is clipped
     assert "rollouts on MegatronEngine" in said["tp2ep2_megatron"]
+    plan = json.loads((tmp_path / "tp2ep2_megatron" / "plan.json").read_text())  # the plan every launch checks
+    assert plan["fits"] and plan["world"] == 4 and plan["parts"]["optimizer_state"] > 0
     # the native engine: one per data-parallel replica, whose tensor-parallel partner receives its completions
     assert "rollouts on NativeEngine, one per data-parallel replica (2 for 4 ranks)" in said["tp2ep2_replay"]
     assert "routing replay rollout" in said["tp2ep2_replay"] and "routing replay off" in said["tp1"]

@@ -102,6 +102,12 @@ class PlanSection:
     prompt_tokens: int = 1024  # RL: the longest prompt the plan assumes (KV cache, unpacked rows)
     gpu_memory_gib: float | None = None  # default: the GPU's; on CPUs the host's memory per local rank
 
+    def check(self, source: str) -> None:
+        if self.reserved_gib < 0 or self.prompt_tokens < 0 or (self.gpu_memory_gib is not None
+                                                               and self.gpu_memory_gib <= 0):
+            raise ConfigError(f"{source}: plan.reserved_gib={self.reserved_gib} and plan.prompt_tokens="
+                              f"{self.prompt_tokens} must be >= 0, plan.gpu_memory_gib={self.gpu_memory_gib} > 0")
+
 
 @dataclass
 class SFTConfig:
@@ -136,6 +142,7 @@ class SFTConfig:
                 raise ConfigError(f"{source}: loss.{key}={value} must be within [0, 1]")
         if not 0 < self.loss.eps < 1:
             raise ConfigError(f"{source}: loss.eps={self.loss.eps} must be within (0, 1)")
+        self.plan.check(source)
 
 
 # ---- RL ---------------------------------------------------------------------------------------------------
@@ -286,6 +293,7 @@ class RLConfig:
         if self.optim.lr <= 0:
             raise ConfigError(f"{source}: optim.lr={self.optim.lr} must be > 0")
         self.reward.check(source)
+        self.plan.check(source)
         from dare_mega.algorithms.estimators import ESTIMATORS, options_for
 
         options = options_for(self.algorithm.estimator, self.algorithm.options, source)

@@ -152,16 +152,17 @@ class RankBytes:
     optimizer_state: int
 
 
-def trainer_bytes(args, table, layout, dtype: torch.dtype, world: int, pp_rank: int, dp_rank: int = 0,
-                  edp_rank: int = 0) -> RankBytes:
+def trainer_bytes(args, table, layout, dtype: torch.dtype, world: int, pp_rank: int, dp_rank: int | None = 0,
+                  edp_rank: int | None = 0, chunks=None) -> RankBytes:
     """Parameters, gradients and optimizer state of the rank at (pipeline rank, data-parallel rank, expert
-    data-parallel rank) after the first optimizer step."""
+    data-parallel rank) after the first optimizer step; a rank of None: the largest shard over that group (the
+    worst GPU of the stage). `chunks`: chunk_tensors(...) when already computed."""
     dp = world // (layout.tp * layout.pp)
     edp = world // (layout.ep * layout.etp * layout.pp)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     per_element_state = 8 + (4 if dtype != torch.float32 else 0)
     params = grads = state = 0
-    for tensors in chunk_tensors(args, table, layout, dtype, pp_rank):
+    for tensors in chunks or chunk_tensors(args, table, layout, dtype, pp_rank):
         # a router with an expert bias also counts its tokens per expert (Megatron's local_tokens_per_expert)
         params += sum(t.numel * t.itemsize * (2 if t.name.endswith(".expert_bias") else 1)
                       for t in tensors if t.buffer)
@@ -172,7 +173,8 @@ def trainer_bytes(args, table, layout, dtype: torch.dtype, world: int, pp_rank: 
                                      if not t.buffer and (t.expert and layout.ep > 1) == expert], size)
             params += buffer.numel * itemsize
             grads += buffer.numel * 4
-            state += buffer.shard_numel(rank) * per_element_state
+            ranks = range(size) if rank is None else (rank,)
+            state += max(buffer.shard_numel(r) for r in ranks) * per_element_state
     return RankBytes(params, grads, state)
 
 
@@ -300,13 +302,13 @@ def plan(cfg, args, world: int, gpu_bytes: int, rl: bool, dtype: torch.dtype | N
     dtype = dtype or (torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     table = mapping_for(args)
-    dp = world // (layout.tp * layout.pp)
+    dp = world // (layout.tp * layout.pp)  # the rollout's replicas
     notes: list[str] = []
 
     prompt_tokens = cfg.plan.prompt_tokens if prompt_tokens is None else prompt_tokens
     if rl:
-        tokens = 2 * (cfg.train.pack_tokens or prompt_tokens + cfg.rollout.max_new_tokens)
-        tokens *= cfg.train.micro_batch_size
+        row = prompt_tokens + cfg.rollout.max_new_tokens  # a row longer than pack_tokens is a sequence alone
+        tokens = 2 * max(cfg.train.pack_tokens, row) * cfg.train.micro_batch_size
         micro_batches = 0  # the step's rows decide; the stage is assumed full
         recompute = cfg.train.recompute
     else:
@@ -314,10 +316,8 @@ def plan(cfg, args, world: int, gpu_bytes: int, rl: bool, dtype: torch.dtype | N
 
     stages = []
     for pp_rank in range(layout.pp):
-        edp = world // (layout.ep * layout.etp * layout.pp)
-        trainer = max((trainer_bytes(args, table, layout, dtype, world, pp_rank, d, e)
-                       for d, e in {(0, 0), (dp - 1, edp - 1)}), key=lambda b: b.optimizer_state)
         chunks = chunk_tensors(args, table, layout, dtype, pp_rank)
+        trainer = trainer_bytes(args, table, layout, dtype, world, pp_rank, None, None, chunks)
         layers = [i for chunk in stage_layers(args.num_layers, layout.pp, layout.vpp, pp_rank) for i in chunk]
         per_mb, logits = micro_batch_activations(args, layout, layers, tokens, itemsize, recompute,
                                                  pp_rank == layout.pp - 1, attention)
