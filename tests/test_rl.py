@@ -38,7 +38,8 @@ def test_default_example_improves_heldout_accuracy(example_run):
     records = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, len(records) + 1)) and len(records) >= 10
     wanted = {"reward_mean", "reward_std", "accuracy", "response_length", "kl", "clip_fraction", "rollout_train_gap",
-              "tokens_per_s", "time_rollout", "time_reward", "time_logprob", "time_update", "time_weight_refresh",
+              "tokens_per_s", "time_offload", "time_rollout", "time_reward", "time_logprob", "time_update",
+              "time_weight_refresh",
               "weight_version", "router_mismatch", "grad_norm", "loss", "padding"}
     assert wanted <= set(records[0]), wanted - set(records[0])
     assert all(r["weight_version"] == r["step"] for r in records)

@@ -267,9 +267,11 @@ def test_loss_goes_down_and_layouts_agree(tmp_path):
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(record)
     assert any(name.startswith("offline-run") for name in os.listdir(tmp_path / "tp1" / "wandb"))
     tp_ep = sft(4, tmp_path / "tp2ep2", "train.steps=4", "train.micro_batches=1", "parallel.tp=2", "parallel.ep=2",
-                "checkpoint.every=100")
+                "checkpoint.every=100", "train.recompute=selective")
     assert tp_ep.returncode == 0, tp_ep.stderr[-3000:]
-    pp = sft(2, tmp_path / "pp2", "train.steps=4", "train.micro_batches=2", "parallel.pp=2", "checkpoint.every=100")
+    # full recompute under the pipeline schedule (each layer's forward runs again in the backward): same losses
+    pp = sft(2, tmp_path / "pp2", "train.steps=4", "train.micro_batches=2", "parallel.pp=2", "checkpoint.every=100",
+             "train.recompute=full")
     assert pp.returncode == 0, pp.stderr[-3000:]
     for other in (losses(tmp_path / "tp2ep2"), losses(tmp_path / "pp2")):
         for step in range(1, 5):
