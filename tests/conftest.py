@@ -68,6 +68,24 @@ def run_worker(nproc: int, cases: list[dict], tmp_path: Path, timeout: int = 900
     return json.loads(out.read_text())
 
 
+def saved_activation_bytes(model, fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward while `fn` runs its forward, less the
+    parameters' (the matmuls save their weights too)."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack_hook(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Tiny checkpoints of each family, made once per session: {"sdar": path, "sdar_moe": ..., "llada2_moe": ...}."""

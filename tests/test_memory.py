@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from conftest import saved_activation_bytes
 
 from dare_mega.algorithms.sft import objective, sft_batch
 from dare_mega.data.sft import Sample, pack
@@ -82,29 +83,13 @@ def test_offload_round_trip_steps_bitwise_alike_and_frees_the_optimizer_state(ti
     assert during == {"optimizer_state": 0, "gradients": 0}
 
 
-def _saved_bytes(model, fn) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward while `fn` runs its forward, less the
-    parameters' (the matmuls save their weights too)."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack_hook(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def test_recompute_gives_the_same_gradients_and_keeps_fewer_activations(tiny_dir, world1):
     results = {}
     for granularity in (None, "selective", "full"):
         chunks, args, optimizer, runner = _trainer(tiny_dir["sdar_moe"], torch.float32, granularity)
         batch = _batch(args, 4)
         model = chunks[0].module
-        saved = _saved_bytes(model, lambda: model(batch.input_ids, batch.position_ids, batch.mask))
+        saved = saved_activation_bytes(model, lambda: model(batch.input_ids, batch.position_ids, batch.mask))
         loss = runner.loss_and_grads(batch, micro_batch_size=1)
         grads = {n: p.main_grad.clone() for n, p in chunks[0].named_parameters()}
         results[granularity] = (saved, loss, grads)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_json_worker
+from conftest import REPO, run_json_worker, saved_activation_bytes
 
 from dare_mega.config import load_config
 from dare_mega.errors import ConfigError
@@ -51,18 +51,11 @@ def test_activation_estimate_is_within_fifteen_percent_of_what_autograd_keeps(ti
     rows, _ = pack([Sample([5 + (7 * i) % 200 for i in range(60)], prompt_len=12)], budget=64)
     batch = sft_batch(rows, objective("sdar_block", args.family), args.diffusion.mask_token_id, block,
                       [torch.Generator().manual_seed(0)])
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def keep(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    def forward():
         logits = model(batch.input_ids, batch.position_ids, batch.mask)
         torch.log_softmax(logits.float(), dim=-1)
-    measured = sum(storages.values())
+
+    measured = saved_activation_bytes(model, forward)
     layers, logit_bytes = micro_batch_activations(args, ParallelLayout(), range(args.num_layers),
                                                   batch.input_ids.numel(), 4, "none", True, attention="sdpa")
     planned = layers + logit_bytes
