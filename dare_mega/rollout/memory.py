@@ -47,14 +47,19 @@ def available_bytes(device: torch.device) -> int:
     """Free memory of a GPU (`torch.cuda.mem_get_info`), or the host's available memory (MemAvailable)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    return host_bytes("MemAvailable", "SC_AVPHYS_PAGES")
+
+
+def host_bytes(field: str = "MemTotal", fallback: str = "SC_PHYS_PAGES") -> int:
+    """A /proc/meminfo field in bytes (MemTotal: the host's memory), or sysconf's pages where it is missing."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return os.sysconf(fallback) * os.sysconf("SC_PAGE_SIZE")
 
 
 def gib(n: int) -> str:

@@ -58,7 +58,7 @@ def check_plan(cfg, args, world: int, rl: bool, prompt_tokens: int | None = None
     from dare_mega.diffusion.attention import resolve_backend
     from dare_mega.errors import ConfigError
     from dare_mega.models.transformer_config import params_dtype
-    from dare_mega.rollout.memory import GIB
+    from dare_mega.rollout.memory import GIB, host_bytes
     from dare_mega.trainer.memory_plan import plan
 
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
@@ -68,7 +68,7 @@ def check_plan(cfg, args, world: int, rl: bool, prompt_tokens: int | None = None
     elif device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
     else:
-        memory = _host_memory() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        memory = host_bytes() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     result = plan(cfg, args, world, memory, rl, dtype=params_dtype(cfg.model.dtype, device),
                   attention=resolve_backend("auto"), prompt_tokens=prompt_tokens)
     record = {**result.to_dict(), "override": bool(cfg.plan.override and not result.fits)}
@@ -88,14 +88,6 @@ def check_plan(cfg, args, world: int, rl: bool, prompt_tokens: int | None = None
         else:
             print(f"memory plan: {result.verdict()}", file=sys.stderr, flush=True)
     return record
-
-
-def _host_memory() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def build_optimizer(cfg, chunks, params_dtype):
