@@ -66,6 +66,9 @@ def test_llada2_example_runs_the_same_pipeline(tmp_path):
     assert all(r["rollout_train_gap"] < 1e-4 and r["router_mismatch"] < 0.01 for r in records)
 
 
+FILTER_STATS = ("filter_kept_fraction", "filter_rounds", "filter_filled")
+
+
 def rl(nproc: int, run_dir, *overrides, timeout=900):
     args = ["-m", "dare_mega.trainer.rl", "--config", RL_RECIPE, f"run_dir={run_dir}", "logging.progress=false",
             *overrides]
@@ -78,7 +81,7 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
     norm and every updated weight, the step at TP=2 x EP=2 (sequence parallel) on 4 processes with routing replay
     on (here the fp32 engine and Megatron choose the same experts, so replaying them is the identity and the
     replayed and free steps must agree), and the step at TP=2 x EP=2 whose rollouts run on the trainer's own
-    Megatron shards, with train.offload, full recompute and eval.batch_size=1. Adam with eps=1 makes the first update smooth in the gradient, so the weights compare the
+    Megatron shards, with train.offload, full recompute and eval.batch_size=1; all with dynamic sampling. Adam with eps=1 makes the first update smooth in the gradient, so the weights compare the
     gradients, not only their signs."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -88,7 +91,9 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
     init = sorted((example_dir / "sft" / "checkpoints").glob("step_*"))[-1]
     common = [f"model.init={init}", "train.steps=1", "rollout.prompts_per_step=4", "rollout.n=4",
               "task.heldout=4", "eval.samples=1", "optim.lr=0.5", "optim.eps=1.0", "checkpoint.every=1",
-              "train.micro_batch_size=1", "train.pack_tokens=64"]
+              "train.micro_batch_size=1", "train.pack_tokens=64",
+              # dynamic sampling: the rounds and the kept groups are the same at every layout
+              "rollout.filter=reward_variance", "rollout.filter_max_rounds=2"]
     tp2ep2 = ["parallel.tp=2", "parallel.ep=2"]
     runs = {"tp1": (1, []), "tp2ep2_replay": (4, [*tp2ep2, "algorithm.routing_replay=rollout"]),
             # with the memory savers: optimizer state and gradients off the device during the rollout, every
@@ -103,6 +108,9 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
     one, replayed, shards = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()][0]
                              for n in runs)
     assert one["reward_std"] > 0 and one["grad_norm"] > 0  # the step learns something
+    for other in (replayed, shards):
+        assert {k: other[k] for k in FILTER_STATS} == {k: one[k] for k in FILTER_STATS}
+    assert 0 < one["filter_kept_fraction"] <= 1 and one["filter_rounds"] in (1, 2)
     assert one["router_mismatch"] == 0.0  # without replay the routers already agree
     assert replayed["router_mismatch"] == 0.0  # replayed on every rank's slice
     # rollouts on the trainer's own shards (rollout.backend=megatron) sample the native engine's tokens, and the

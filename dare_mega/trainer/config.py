@@ -180,6 +180,10 @@ class RolloutSection:
     # sglang: see the sglang section
     backend: str = field(default="native", metadata=choices("native", "megatron", "sglang"))
     sync_bucket_mb: int = 512  # weight sync: exported tensors travel in buckets of at most this size
+    # dynamic sampling (DAPO): reward_variance keeps only groups whose rewards differ, drawing more prompts in up
+    # to filter_max_rounds rounds per step (trainer/dynamic_sampling.py); none: every group (DARE)
+    filter: str = field(default="none", metadata=choices("none", "reward_variance"))
+    filter_max_rounds: int = 4
 
 
 @dataclass
@@ -269,6 +273,7 @@ class RLConfig:
                     "rollout.max_new_tokens": self.rollout.max_new_tokens, "train.steps": self.train.steps,
                     "train.micro_batch_size": self.train.micro_batch_size, "algorithm.epochs": self.algorithm.epochs,
                     "rollout.sync_bucket_mb": self.rollout.sync_bucket_mb,
+                    "rollout.filter_max_rounds": self.rollout.filter_max_rounds,
                     "task.heldout": self.task.heldout,
                     "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep}
         for key, value in positive.items():

@@ -1,10 +1,11 @@
 """RL for diffusion LLMs on Megatron-Core: `python -m dare_mega.trainer.rl --config FILE [section.key=value ...]`
 
 The loop, as in slime's train loop: set-up (trainer/rl_setup.py), then per step the named phases of
-trainer/rl_phases.py: [offload] -> rollout (this rank's whole groups, engine weights of version step - 1) -> score ->
-advantages -> update (on Megatron) -> sync (the engine gets version step) -> log -> save. Rollouts are
-sharded over data-parallel ranks: with the native engine, the first rank of each replica decodes and its tensor /
-pipeline ranks receive the completions; on the Megatron backend all ranks of a replica decode together.
+trainer/rl_phases.py: [offload] -> rollout (this rank's whole groups, engine weights of version step - 1) -> score
+-> [dynamic sampling] -> advantages -> [reload] -> update (on Megatron) -> sync (the engine gets version step) ->
+log -> save; the bracketed phases only with train.offload / rollout.filter. Rollouts are sharded over
+data-parallel ranks: with the native engine, the first rank of each replica decodes and its tensor / pipeline
+ranks receive the completions; on the Megatron backend all ranks of a replica decode together.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
             rollout = phase.rollout(job, step)
         with timed(times, "reward"):
             scored = phase.score(job, rollout)
+        sampled = {}
+        if cfg.rollout.filter != "none":
+            with timed(times, "rollout"):  # the further rounds (decoding and scoring) and the selection
+                rollout, scored, sampled = phase.dynamic_sampling(job, rollout, scored)
+        with timed(times, "reward"):
             batch = phase.advantages(job, rollout, scored)
         with timed(times, "offload"):
             phase.reload(job)
@@ -44,7 +50,7 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         times["update"] -= times["logprob"]
         with timed(times, "weight_refresh"):
             phase.sync(job, step)
-        phase.log(job, step, lr, batch, stats, times)
+        phase.log(job, step, lr, batch, stats, times, sampled)
         phase.save(job, step)
         if cfg.train.stop_after is not None and step >= cfg.train.stop_after:
             break

@@ -3,6 +3,7 @@
 offload     train.offload: the optimizer state and gradient buffers leave the device (back before update)
 rollout     this rank's whole groups of the step's prompts, decoded by the engine (weights of version step - 1)
 score       rewards (each sample scored once, in the reward pool of its first model-parallel rank)
+dynamic_sampling  rollout.filter: more rounds until enough groups have reward variance; this rank's kept slice
 advantages  group advantages -> estimator samples; the step's global totals (samples, tokens, rewards)
 update      the policy update on Megatron (old / reference passes, then `epochs` optimizer steps)
 sync        the engine gets the weights of version `step`
@@ -15,7 +16,6 @@ a resume.
 
 from __future__ import annotations
 
-import random
 import sys
 from dataclasses import dataclass
 
@@ -129,16 +129,55 @@ class StepBatch:
     totals: dict[str, float]
 
 
-def rollout(job, step: int) -> Rollout:
-    cfg, n = job.cfg, job.cfg.rollout.n
+def rollout(job, step: int, round_: int = 0, drawn: set[int] | None = None) -> Rollout:
+    """This rank's share of the step's prompts (round 0), or of a dynamic-sampling round's fresh prompts."""
+    from dare_mega.trainer.dynamic_sampling import request_seed, round_prompts, share
+
+    cfg, n, count = job.cfg, job.cfg.rollout.n, job.cfg.rollout.prompts_per_step
     train = job.inputs.train
-    chosen = random.Random(cfg.train.seed * 1_000_003 + step).sample(range(len(train)), cfg.rollout.prompts_per_step)
-    mine = chosen[job.dp_rank * job.per_rank : (job.dp_rank + 1) * job.per_rank]
-    first = job.dp_rank * job.per_rank * n
-    requests = [train[i] for i in mine for _ in range(n)]
-    seeds = [cfg.train.seed * 7919 + step * 100_003 + first + k for k in range(len(requests))]
-    completions = job.engine.generate([r["prompt"] for r in requests], sampling(cfg, seeds), cache=cfg.rollout.cache)
+    prompts = round_prompts(cfg.train.seed, step, round_, len(train), count, drawn or set())
+    lo, hi = share(len(prompts), dist.get_world_size(job.dp_group), job.dp_rank)
+    first = (round_ * count + lo) * n
+    requests = [train[i] for i in prompts[lo:hi] for _ in range(n)]
+    seeds = [request_seed(cfg.train.seed, step, first + k) for k in range(len(requests))]
+    completions = []
+    if requests or getattr(job.engine, "lockstep", False):  # lockstep engines decode together, even idle
+        completions = job.engine.generate([r["prompt"] for r in requests], sampling(cfg, seeds),
+                                          cache=cfg.rollout.cache)
     return Rollout(step, requests, completions, first)
+
+
+def dynamic_sampling(job, first: Rollout, scored: Scored) -> tuple[Rollout, Scored, dict]:
+    """rollout.filter=reward_variance (trainer/dynamic_sampling.py): more rounds until prompts_per_step groups
+    with reward variance are drawn (or filter_max_rounds), then this rank's slice of the kept groups."""
+    from dare_mega.trainer import dynamic_sampling as ds
+
+    cfg, n, count = job.cfg, job.cfg.rollout.n, job.cfg.rollout.prompts_per_step
+    train, step = job.inputs.train, first.step
+    groups, drawn, rounds = [], set(), 0
+    batch, values = first, scored
+    while True:
+        drawn |= set(ds.round_prompts(cfg.train.seed, step, rounds, len(train), count, drawn))
+        mine = [ds.Group(batch.first // n + j, batch.requests[j * n : (j + 1) * n],
+                         batch.completions[j * n : (j + 1) * n], values.values[j * n : (j + 1) * n])
+                for j in range(len(batch.requests) // n)]
+        everyone = [None] * dist.get_world_size(job.dp_group)
+        dist.all_gather_object(everyone, mine, group=job.dp_group)
+        groups += [g for part in everyone for g in part]
+        rounds += 1
+        if ds.enough(groups, count) or rounds >= cfg.rollout.filter_max_rounds or len(drawn) >= len(train):
+            break
+        batch = rollout(job, step, rounds, drawn)
+        values = score(job, batch)
+    kept, filled = ds.keep_informative(groups, count)
+    lo, hi = ds.share(len(kept), dist.get_world_size(job.dp_group), job.dp_rank)
+    mine = kept[lo:hi]
+    requests = [r for g in mine for r in g.requests]
+    completions = [c for g in mine for c in g.completions]
+    values = torch.cat([g.values for g in mine]) if mine else torch.zeros(0, 4, dtype=torch.float64)
+    stats = {"filter_kept_fraction": sum(g.informative for g in groups) / len(groups), "filter_rounds": rounds,
+             "filter_filled": filled}
+    return Rollout(step, requests, completions, lo * n), Scored(values), stats
 
 
 def score(job, batch: Rollout) -> Scored:
@@ -221,7 +260,7 @@ def sync(job, step: int) -> None:
     job.weights.sync(step)
 
 
-def log(job, step: int, lr: float, step_batch: StepBatch, stats: dict, times: dict) -> dict:
+def log(job, step: int, lr: float, step_batch: StepBatch, stats: dict, times: dict, extra: dict | None = None) -> dict:
     """The step's record: rewards and lengths from the totals, the loss's statistics summed over data-parallel
     ranks by name, the routing counts over every rank (each counts its own tokens and layers)."""
     from dare_mega.rewards import CODE_REWARDS
@@ -249,6 +288,7 @@ def log(job, step: int, lr: float, step_batch: StepBatch, stats: dict, times: di
         "weight_version": step,
         **{f"time_{k}": times[k] for k in ("offload", "rollout", "reward", "logprob", "update", "weight_refresh")},
     }
+    record.update(extra or {})  # rollout.filter's kept fraction, rounds and fill
     cfg = job.cfg
     if cfg.eval.every and step % cfg.eval.every == 0:
         from dare_mega.eval.scoring import score_benchmarks

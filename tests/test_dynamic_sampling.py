@@ -1,0 +1,107 @@
+"""Dynamic sampling (rollout.filter=reward_variance, trainer/dynamic_sampling.py): only groups with reward
+variance are kept, the batch is always full, and a step is the same at any data-parallel layout."""
+
+import itertools
+import json
+import sys
+
+import pytest
+import torch
+from conftest import REPO, run_json_worker
+
+from dare_mega.config import load_config
+from dare_mega.errors import ConfigError
+from dare_mega.trainer.config import RLConfig
+from dare_mega.trainer.dynamic_sampling import Group, keep_informative
+
+FILTER = ["rollout.prompts_per_step=4", "rollout.n=2", "rollout.filter=reward_variance"]
+
+
+def _group(position, rewards):
+    values = torch.zeros(len(rewards), 4, dtype=torch.float64)
+    values[:, 0] = torch.tensor(rewards, dtype=torch.float64)
+    return Group(position, [{}] * len(rewards), [None] * len(rewards), values)
+
+
+def test_keep_informative_by_exhaustive_enumeration():
+    """Every assignment of rewards in {0, 0.5, 1} to 4 groups of 2, every batch size, groups in any order."""
+    outcomes = list(itertools.product((0.0, 0.5, 1.0), repeat=2))
+    for pattern in itertools.product(outcomes, repeat=4):
+        groups = [_group(p, list(r)) for p, r in zip((3, 0, 2, 1), pattern)]  # handed over out of order
+        by_position = sorted(groups, key=lambda g: g.position)
+        varied = [g.position for g in by_position if len(set(g.values[:, 0].tolist())) > 1]
+        flat = [g.position for g in by_position if len(set(g.values[:, 0].tolist())) == 1]
+        for batch in range(1, 5):
+            kept, filled = keep_informative(groups, batch)
+            positions = [g.position for g in kept]
+            assert len(kept) == batch
+            assert positions == sorted(positions)  # draw order
+            assert set(positions) == set(varied[:batch] + flat[: max(0, batch - len(varied))])
+            assert filled == max(0, batch - len(varied))
+
+
+HARD = {"overrides": [*FILTER, "rollout.filter_max_rounds=3"], "hard": True}  # no prompt has reward variance
+PLAIN = {"overrides": FILTER[:2]}  # rollout.filter=none: DARE's step
+
+
+def _run(tmp_path, nproc, cases):
+    path = tmp_path / f"spec-{nproc}.json"
+    path.write_text(json.dumps([{"steps": [1, 2, 3], "prompts": 30, **case} for case in cases]))
+    return run_json_worker(nproc, ["tests/workers/dynamic_sampling_worker.py", str(path)],
+                           tmp_path / f"out-{nproc}.json", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, world1):
+    """The filtered steps at 1 (in this process), 2 and 4 data-parallel ranks; at 2 also the hard and the
+    unfiltered cases."""
+    sys.path.insert(0, str(REPO / "tests" / "workers"))
+    from dynamic_sampling_worker import run_case
+
+    tmp = tmp_path_factory.mktemp("dynamic_sampling")
+    one = [run_case({"steps": [1, 2, 3], "prompts": 30, "overrides": FILTER}, world1)]
+    return {1: one, 2: _run(tmp, 2, [{"overrides": FILTER}, HARD, PLAIN]), 4: _run(tmp, 4, [{"overrides": FILTER}])}
+
+
+@pytest.mark.distributed
+def test_dynamic_sampling_keeps_varied_groups_fills_the_batch_and_is_the_same_at_any_layout(runs):
+    for step in range(3):
+        views = {}
+        for nproc, cases in runs.items():
+            ranks = cases[0][step]["ranks"]
+            kept = [row for r in ranks for row in r["kept"]]
+            firsts = [r["first"] for r in ranks]
+            # each rank's slice starts where the previous ones end, in the kept order
+            assert firsts == [sum(len(r["kept"]) for r in ranks[:i]) for i in range(len(ranks))]
+            assert len({r["calls"] for r in ranks}) == 1  # a lockstep engine: every rank decodes each round
+            assert len({json.dumps(r["stats"]) for r in ranks}) == 1
+            views[nproc] = (kept, ranks[0]["stats"])
+        kept, stats = views[1]
+        assert all(view == views[1] for view in views.values()), step  # the same groups, seeds, rewards, stats
+        assert len(kept) == 4 * 2  # the batch is full
+        groups = [kept[i : i + 2] for i in range(0, len(kept), 2)]
+        assert stats["filter_filled"] == 0
+        assert all(a[0] == b[0] and a[2] != b[2] for a, b in groups)  # every kept group has reward variance
+        assert all(a[0] % 3 == 2 for a, _ in groups)  # ... which only the mixed prompts have
+        assert 0 < stats["filter_kept_fraction"] < 1 and stats["filter_rounds"] >= 2
+
+
+@pytest.mark.distributed
+def test_without_varied_groups_the_batch_is_filled_and_round_zero_is_the_usual_draw(runs):
+    _, hard, plain = runs[2]
+    for filtered, usual in zip(hard, plain):
+        stats = filtered["ranks"][0]["stats"]
+        assert stats == {"filter_kept_fraction": 0.0, "filter_rounds": 3, "filter_filled": 4}
+        assert all(r["calls"] == 3 for r in filtered["ranks"])
+        # the fill is the earliest groups, i.e. round 0: the very prompts and seeds of the unfiltered step
+        for a, b in zip(filtered["ranks"], usual["ranks"]):
+            assert [row[:2] for row in a["kept"]] == [row[:2] for row in b["kept"]]
+            assert a["first"] == b["first"] and a["requests"] == b["requests"]
+        assert usual["ranks"][0]["stats"] == {}
+
+
+def test_filter_keys_are_checked():
+    with pytest.raises(ConfigError, match=r"rollout\.filter_max_rounds=0 must be >= 1"):
+        load_config(RLConfig, None, ["rollout.filter=reward_variance", "rollout.filter_max_rounds=0"])
+    with pytest.raises(ConfigError, match=r"rollout\.filter"):
+        load_config(RLConfig, None, ["rollout.filter=variance"])
