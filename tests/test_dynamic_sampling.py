@@ -3,6 +3,7 @@ variance are kept, the batch is always full, and a step is the same at any data-
 
 import itertools
 import json
+import random
 import sys
 
 import pytest
@@ -42,6 +43,9 @@ def test_keep_informative_by_exhaustive_enumeration():
 
 HARD = {"overrides": [*FILTER, "rollout.filter_max_rounds=3"], "hard": True}  # no prompt has reward variance
 PLAIN = {"overrides": FILTER[:2]}  # rollout.filter=none: DARE's step
+# 6 prompts, 4 a round: round 1 draws the last 2 (at 4 ranks two of them decode nothing) and the draws stop;
+# only prompts 2 and 5 have reward variance, so the batch is filled with 2 of round 0's
+EXHAUSTED = {"overrides": FILTER, "steps": [1, 2], "prompts": 6}
 
 
 def _run(tmp_path, nproc, cases):
@@ -59,8 +63,9 @@ def runs(tmp_path_factory, world1):
     from dynamic_sampling_worker import run_case
 
     tmp = tmp_path_factory.mktemp("dynamic_sampling")
-    one = [run_case({"steps": [1, 2, 3], "prompts": 30, "overrides": FILTER}, world1)]
-    return {1: one, 2: _run(tmp, 2, [{"overrides": FILTER}, HARD, PLAIN]), 4: _run(tmp, 4, [{"overrides": FILTER}])}
+    one = [run_case({"steps": [1, 2, 3], "prompts": 30, "overrides": FILTER}, world1), run_case(EXHAUSTED, world1)]
+    return {1: one, 2: _run(tmp, 2, [{"overrides": FILTER}, HARD, PLAIN]),
+            4: _run(tmp, 4, [{"overrides": FILTER}, EXHAUSTED])}
 
 
 @pytest.mark.distributed
@@ -98,6 +103,33 @@ def test_without_varied_groups_the_batch_is_filled_and_round_zero_is_the_usual_d
             assert [row[:2] for row in a["kept"]] == [row[:2] for row in b["kept"]]
             assert a["first"] == b["first"] and a["requests"] == b["requests"]
         assert usual["ranks"][0]["stats"] == {}
+        # ... which is the step's draw as it was before the filter: Random(seed * 1_000_003 + step), rank r of 2
+        # the r-th half, seeds seed * 7919 + step * 100_003 + global request index
+        seed, step = load_config(RLConfig, None, []).train.seed, usual["step"]
+        chosen = random.Random(seed * 1_000_003 + step).sample(range(30), 4)
+        for r, rank in enumerate(usual["ranks"]):
+            assert rank["first"] == r * 2 * 2
+            assert [row[:2] for row in rank["kept"]] == [[i, seed * 7919 + step * 100_003 + r * 4 + k]
+                                                         for k, i in enumerate(x for x in chosen[2 * r : 2 * r + 2]
+                                                                               for _ in range(2))]
+
+
+@pytest.mark.distributed
+def test_when_the_prompts_run_out_the_draws_stop_and_the_batch_is_filled_at_any_layout(runs):
+    seed = load_config(RLConfig, None, []).train.seed
+    for one, four in zip(runs[1][1], runs[4][1]):
+        kept = [row for r in one["ranks"] for row in r["kept"]]
+        assert kept == [row for r in four["ranks"] for row in r["kept"]]
+        assert [r["first"] for r in four["ranks"]] == [0, 2, 4, 6]
+        assert all(r["calls"] == 2 for r in four["ranks"])  # the idle ranks of round 1 decode too (lockstep)
+        for rank in (*one["ranks"], *four["ranks"]):
+            assert rank["stats"] == {"filter_kept_fraction": 2 / 6, "filter_rounds": 2, "filter_filled": 2}
+        # kept: both varied prompts (2 and 5) and the earliest 2 flat ones of round 0, in draw order
+        first_round = random.Random(seed * 1_000_003 + one["step"]).sample(range(6), 4)
+        fill = [i for i in first_round if i % 3 != 2][:2]
+        head = [i for i in first_round if i % 3 == 2 or i in fill]
+        prompts = [row[0] for row in kept[::2]]
+        assert prompts[: len(head)] == head and sorted(prompts[len(head) :]) == sorted({2, 5} - set(first_round))
 
 
 def test_filter_keys_are_checked():
