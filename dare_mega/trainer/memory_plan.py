@@ -5,14 +5,15 @@ ranks differ only in their optimizer shard):
 
 parameters       Megatron DDP's contiguous parameter buffer (the distributed optimizer remaps every parameter
                  into it): this rank's shards of every row of the family's mapping table, each start padded to
-                 64 elements and the buffer to lcm(dp, 128), dense and expert parameters in separate buffers;
+                 64 elements and the buffer to lcm(dp, 128), expert parameters in a buffer of their own at EP > 1;
                  plus the model's buffers (the router's fp32 expert bias)
 gradients        the matching fp32 gradient buffers (grad_reduce_in_fp32)
 optimizer_state  the distributed optimizer's shard of each buffer: Adam's two fp32 moments per element, and
                  for bf16 models the fp32 main parameters (fp32 models update the parameter buffer in place)
 activations      what the backward keeps for the micro-batches in flight on the stage (two-stream rows:
                  2 x tokens per stream), with train.recompute applied; an estimate, see `layer_activations`
-logits           the last stage's fp32 logits of one micro-batch (vocab-parallel log-probs keep them)
+logits           the last stage's logits of one micro-batch in the model's dtype and their fp32 copy
+                 (vocab-parallel log-probs keep both)
 reference        the frozen reference model's parameters (RL with a KL term)
 kv_cache         the rollout's block KV cache for the configured batch and lengths (rollout/memory.py's rule)
 engine_weights   a second copy of the model for the rollout (native: the whole model on each replica's first
