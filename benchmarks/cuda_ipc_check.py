@@ -7,9 +7,11 @@ This process is the trainer (one rank, TP=1; NCCL on a GPU, gloo without): it bu
 checkpoint it makes, exports it in buckets and pushes each bucket through the colocated SGLang transport
 (dare_mega/weight_sync/transports.py): a flattened uint8 bucket on the GPU, serialized with torch's
 ForkingPickler, so the payload carries CUDA-IPC handles, not the bytes. The receiver is the loopback SGLang
-stand-in of the tests (tests/fake_sglang.py) started as a separate process: it decodes the payload with the
-allowlist unpickler (dare_mega/weight_sync/wire.py), which maps the trainer's GPU memory, and keeps a copy
-of every tensor. After each sync the receiver dumps what it holds (POST /_dump) and every tensor is compared
+stand-in of the tests (tests/fake_sglang.py) started as a separate process: it decodes the payload with
+SGLang's own code (monkey_patch_torch_reductions, MultiprocessingSerializer, FlattenedTensorBucket; sglang must be
+importable: the Docker image, or `pip install --no-deps sglang==0.5.23` with the test extra), which maps the
+trainer's GPU memory through the handle's GPU UUID, and keeps a copy of every tensor. SGLang's weight checker
+(snapshot, reset, compare) wraps the first sync. After each sync the receiver dumps what it holds (POST /_dump) and every tensor is compared
 bit-exactly (dtype, shape, values) with what the exporter produced. Before each version every weight is moved
 by a name-dependent amount, so each sync carries new numbers.
 
@@ -68,12 +70,16 @@ def mismatches(got: dict, expected: dict) -> list[str]:
     return bad
 
 
-def start_receiver(port: int, log_path: str) -> subprocess.Popen:
+def start_receiver(port: int, log_path: str, model: str) -> subprocess.Popen:
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from fake_sglang import serving_flags
+
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
                                                             "LOCAL_RANK")}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "fake_sglang.py"), "--port", str(port)],
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "fake_sglang.py"), "--port", str(port),
+                             *serving_flags(model, os.path.dirname(log_path))],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -104,13 +110,14 @@ def main() -> int:
     failures: list[str] = []
     workdir = tempfile.mkdtemp(prefix="cuda_ipc_")
     port = free_port()
-    receiver = start_receiver(port, os.path.join(workdir, "receiver.log"))
+    receiver = None
     url = f"http://127.0.0.1:{port}"
     result = {"benchmark": "cuda_ipc", "device": torch.cuda.get_device_name() if on_gpu else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "syncs": []}
     try:
         hf = make_tiny_checkpoint(os.path.join(workdir, "model"), preset=model_config(args.layers, args.experts,
                                   args.hidden), max_shard_bytes=1 << 30)
+        receiver = start_receiver(port, os.path.join(workdir, "receiver.log"), hf)
         env = init_distributed()
         init_model_parallel(ParallelLayout())
         chunks, model_args = build_from_hf(hf, ParallelLayout())
@@ -137,14 +144,14 @@ def main() -> int:
         del first, probe, raw
 
         client = SGLangClient(url, timeout=300)
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while not client.healthy(timeout=5):
             if receiver.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"the receiver at {url} did not come up (exit status {receiver.poll()})")
             time.sleep(0.2)
         transport = ColocatedTensorTransport([client], [[0]])
-        checked = [n for b in table.bindings() if b.layer is None for n in b.hf_names]
-        sync = WeightSync(exporter, transport, retries=0, check=SGLangWeightCheck([client]), check_names=checked)
+        # the weights move before every version, so the checked first sync is a repeated one
+        sync = WeightSync(exporter, transport, retries=0, check=SGLangWeightCheck([client], resync=True))
         for version in range(1, args.versions + 1):
             with torch.no_grad():
                 for chunk in chunks:
@@ -193,12 +200,14 @@ def main() -> int:
         traceback.print_exc()
         failures.append(f"{type(e).__name__}: {e}")
     finally:
-        receiver.terminate()
-        try:
-            receiver.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            receiver.kill()
-        log = open(os.path.join(workdir, "receiver.log")).read()
+        if receiver is not None:
+            receiver.terminate()
+            try:
+                receiver.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                receiver.kill()
+        log_path = os.path.join(workdir, "receiver.log")
+        log = open(log_path).read() if os.path.exists(log_path) else ""
         if failures and log.strip():
             print("receiver log (tail):\n" + log[-3000:], flush=True)
     result["failures"] = failures

@@ -135,18 +135,22 @@ def test_missing_dataset_is_named_not_downloaded(sft_model, tmp_path):
 
 
 def test_sglang_backend_through_opencompass(sft_model, data, tmp_path):
-    """--sglang-url: OpenCompass's requests go to a (loopback) SGLang server; it decodes greedily with
-    threshold 0.95 (LowConfidence), so the native engine with those settings gives the same answers."""
+    """--sglang-url: OpenCompass's requests go to a (loopback) SGLang server running DareMegaDecoding at threshold
+    0.95; greedy requests decode as the native engine with those settings does, so the answers are the same."""
     sys.path.insert(0, str(REPO / "tests"))
-    from fake_sglang import FakeSGLang
+    from fake_sglang import Servers
 
-    server = FakeSGLang(hf=sft_model).start()
+    servers = Servers(tmp_path)
     try:
-        compass = evaluate(sft_model, data, tmp_path / "sg", "opencompass", "--sglang-url", server.url)
+        url = servers.start("eval", sft_model, threshold=0.95)
+        servers.wait(url)
+        compass = evaluate(sft_model, data, tmp_path / "sg", "opencompass", "--sglang-url", url)
+        calls = servers.calls(url)
     finally:
-        server.stop()
+        servers.stop()
     assert compass.returncode == 0, compass.stderr[-4000:]
-    assert sum(c["route"] == "/generate" for c in server.calls) == 4 + 1  # gsm8k in batches of 4, humaneval in one
+    # the connect check's probe, then gsm8k in batches of 4, humaneval in one
+    assert sum(c["route"] == "/generate" for c in calls) == 1 + 4 + 1
     own = evaluate(sft_model, data, tmp_path / "own", "native", "--decoding", '{"threshold": 0.95}')
     assert own.returncode == 0, own.stderr[-4000:]
     for task in ("gsm8k", "humaneval"):

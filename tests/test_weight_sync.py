@@ -37,43 +37,6 @@ def test_exporter_matches_the_conversion_tool(tiny_dir, tmp_path):
 
 
 # ---- transports against loopback SGLang servers --------------------------------------------------------------
-class Servers:
-    """Fake SGLang servers (tests/fake_sglang.py) as processes, so that each joins process groups on its own."""
-
-    def __init__(self):
-        self.procs = {}
-
-    def start(self, name: str, *args: str, hf: str | None = None) -> str:
-        import subprocess
-        import sys
-
-        from conftest import REPO, clean_env, free_port
-
-        port = free_port()
-        command = [sys.executable, "tests/fake_sglang.py", "--port", str(port), *args]
-        if hf:
-            command += ["--hf", hf]
-        self.procs[name] = subprocess.Popen(command, cwd=REPO, env=clean_env(OMP_NUM_THREADS="1"),
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        return f"http://127.0.0.1:{port}"
-
-    def wait(self, *urls: str) -> None:
-        import time
-
-        from dare_mega.rollout.sglang_client import SGLangClient
-
-        for url in urls:
-            deadline = time.time() + 120
-            while not SGLangClient(url).healthy(timeout=2):
-                assert time.time() < deadline, f"{url} did not come up"
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            proc.kill()
-            proc.wait()
-
-
 def fetch(url: str, route: str, body: dict | None = None):
     import requests
 
@@ -112,12 +75,16 @@ def test_transports_deliver_the_weights_bit_exactly(tiny_dir, tmp_path):
     import json
 
     from conftest import free_port
+    from fake_sglang import Servers
 
-    servers = Servers()
+    hf = tiny_dir["llada2_moe"]
+    servers = Servers(tmp_path)
     try:
-        urls = {"coloc0": servers.start("coloc0", "--tp-size", "4"), "coloc1": servers.start("coloc1", "--tp-size", "4"),
-                "dist0": servers.start("dist0"), "dist1": servers.start("dist1"), "disk": servers.start("disk"),
-                "flaky": servers.start("flaky", "--tp-size", "8", "--fail", "/update_weights_from_tensor:3")}
+        urls = {"coloc0": servers.start("coloc0", hf, "--tp-size", "4"),
+                "coloc1": servers.start("coloc1", hf, "--tp-size", "4"),
+                "dist0": servers.start("dist0", hf), "dist1": servers.start("dist1", hf),
+                "disk": servers.start("disk", hf),
+                "flaky": servers.start("flaky", hf, "--tp-size", "8", "--fail", "/update_weights_from_tensor:3")}
         servers.wait(*urls.values())
         cases = [
             {"name": "colocated", "kind": "colocated", "urls": [urls["coloc0"], urls["coloc1"]],
@@ -130,7 +97,7 @@ def test_transports_deliver_the_weights_bit_exactly(tiny_dir, tmp_path):
              "versions": [1]},
         ]
         spec = tmp_path / "spec.json"
-        spec.write_text(json.dumps({"hf": tiny_dir["llada2_moe"], "layout": {"tp": 2, "pp": 2, "ep": 2},
+        spec.write_text(json.dumps({"hf": hf, "layout": {"tp": 2, "pp": 2, "ep": 2},
                                     "bucket_bytes": 96 * 1024, "root": str(tmp_path), "cases": cases}))
         results = {r["name"]: r for r in run_json_worker(8, ["tests/workers/sync_worker.py", str(spec)],
                                                           tmp_path / "out.json", timeout=900)}
@@ -145,32 +112,38 @@ def test_transports_deliver_the_weights_bit_exactly(tiny_dir, tmp_path):
                 calls = fetch(url, "/_calls")
                 routes = session_routes(calls)
                 assert calls[-1]["version"] == str(last)
-                check = ["/get_weights_by_name"] * result["checked"]  # read back after every sync
-                assert result["checked"] == 3  # embeddings, final norm, lm_head
+                # SGLang's weight checker around the first sync (the trainer's weights moved before it, so the
+                # first sync runs once more between snapshot + reset and compare)
+                checker = [c["body"]["action"] for c in calls if c["route"] == "/weights_checker"]
+                assert checker == ["snapshot", "reset_tensors", "compare"]
+                assert not any(c.get("skipped") for c in calls)  # every name sent is a tensor of the model
                 if case["kind"] == "disk":
-                    assert routes == ["/pause_generation", "/update_weights_from_disk", "/model_info",
-                                      "/continue_generation", *check] * len(case["versions"])
+                    disk = ["/pause_generation", "/update_weights_from_disk", "/model_info", "/continue_generation"]
+                    assert routes == [*disk, "/weights_checker", "/weights_checker", *disk, "/weights_checker",
+                                      *disk * (len(case["versions"]) - 1)]
                     continue
                 update = "/update_weights_from_tensor" if case["kind"] == "colocated" else \
                     "/update_weights_from_distributed"
                 buckets = result["buckets"]
                 attempt = ["/pause_generation", "/begin_weight_update", *[update] * buckets, "/end_weight_update",
-                           "/flush_cache", "/model_info", "/continue_generation", *check]
+                           "/flush_cache", "/model_info", "/continue_generation"]
+                first = [*attempt, "/weights_checker", "/weights_checker", *attempt, "/weights_checker"]
                 updates = [c for c in calls if c["route"] == update]
                 if case["name"] == "flaky":
                     assert result["reports"][0]["attempts"] == 2
                     # attempt 1 stopped at the refused third bucket and closed the session; attempt 2 is complete
                     assert routes == ["/pause_generation", "/begin_weight_update", update, update, update,
-                                      "/end_weight_update", "/continue_generation", *attempt]
+                                      "/end_weight_update", "/continue_generation", *attempt,
+                                      "/weights_checker", "/weights_checker", *attempt, "/weights_checker"]
                     assert all(c["version"] == "default" for c in calls[: calls.index(updates[3])])
                     assert all(u["body"]["payloads"] == 8 for u in updates)
                     continue
                 group = ["/init_weights_update_group"] if case["kind"] == "distributed" else []
                 assert routes[: len(group)] == group
-                assert routes[len(group):] == attempt * len(case["versions"]) + (
+                assert routes[len(group):] == first + attempt * (len(case["versions"]) - 1) + (
                     ["/destroy_weights_update_group"] if group else [])
                 assert [u["body"]["weight_version"] for u in updates] == \
-                    [None] * (buckets - 1) + ["1"] + [None] * (buckets - 1) + ["2"]
+                    ([None] * (buckets - 1) + ["1"]) * 2 + [None] * (buckets - 1) + ["2"]
                 if case["kind"] == "colocated":
                     assert all(u["body"]["payloads"] == 4 and u["body"]["load_format"] == "flattened_bucket"
                                for u in updates)

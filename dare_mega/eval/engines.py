@@ -37,9 +37,8 @@ def engine_for(path: str, backend: str = "native", urls=(), device: str | None =
             from dare_mega.rollout.sglang_engine import SGLangEngine, SGLangServerConfig
 
             args = load_model_args(path)
-            _ENGINES[key] = SGLangEngine.connect(list(urls), SGLangServerConfig(model_path=path), batch_size,
-                                                 tokenizer=load_tokenizer(path),
-                                                 block_size=args.diffusion.block_size)
+            server = SGLangServerConfig.for_model(path, args, dllm_algorithm=None)  # whatever the servers run
+            _ENGINES[key] = SGLangEngine.connect(list(urls), server, batch_size, tokenizer=load_tokenizer(path))
         else:
             raise ConfigError(f"backend={backend!r}; expected 'native' or 'sglang'")
     return _ENGINES[key]

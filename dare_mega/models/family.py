@@ -42,6 +42,10 @@ class ModelFamily:
     # the decoding the model's authors report (SamplingParams fields; block size comes from the checkpoint):
     # what evaluation uses unless told otherwise
     decoding: dict = field(default_factory=dict)
+    # what SGLang 0.5.23 decodes these architectures with when --dllm-algorithm-config says nothing
+    # ({"block_size", "mask_id"}, sglang/srt/dllm/config.py; tests/test_sglang.py checks them against it);
+    # None: SGLang does not serve the family as a diffusion LLM
+    sglang_dllm: dict | None = None
 
 
 FEATURES = {

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dare_mega.errors import ConfigError
-from dare_mega.rollout.policies import choose_reveals, sample_block
+from dare_mega.rollout.policies import denoise_step
 from dare_mega.rollout.types import Completion, SamplingParams, prompt_ids
 
 
@@ -224,9 +224,8 @@ class BlockDecoder:
 
     # ---- per request -----------------------------------------------------------------------------------
     def _denoise(self, r: _Request, logits: torch.Tensor, block_tokens: torch.Tensor, steps, params, mask_id):
-        masked = block_tokens == mask_id
-        tokens, confidence, logprob, entropy = sample_block(logits, params, r.generator, never=mask_id)
-        reveal = choose_reveals(masked, confidence, entropy, r.step, steps, r.initially_masked, params)
+        reveal, tokens, logprob = denoise_step(logits, block_tokens, mask_id, r.generator, r.step, steps,
+                                               r.initially_masked, params)
         for offset in torch.nonzero(reveal)[:, 0].tolist():
             position = r.block_start + offset
             r.canvas[position] = tokens[offset]

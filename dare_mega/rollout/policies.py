@@ -83,3 +83,15 @@ def choose_reveals(masked: torch.Tensor, confidence: torch.Tensor, entropy: torc
     if count:
         chosen[confidence.masked_fill(~masked, float("-inf")).topk(count).indices] = True
     return chosen
+
+
+def denoise_step(logits: torch.Tensor, block_tokens: torch.Tensor, mask_id: int, generator: torch.Generator | None,
+                 step: int, steps: int, initially_masked: int, params: SamplingParams, prompt: torch.Tensor | None = None):
+    """One denoising step of one block (the native engine's and the SGLang algorithm's, one function):
+    logits [T, V], block_tokens [T] -> (reveal bool [T], tokens [T], logprob [T]). `prompt` (bool [T]) marks
+    prompt positions that hold the mask id literally: never revealed."""
+    masked = block_tokens == mask_id
+    if prompt is not None:
+        masked = masked & ~prompt
+    tokens, confidence, logprob, entropy = sample_block(logits, params, generator, never=mask_id)
+    return choose_reveals(masked, confidence, entropy, step, steps, initially_masked, params), tokens, logprob

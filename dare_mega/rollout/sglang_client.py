@@ -65,6 +65,10 @@ class SGLangClient:
     def weight_version(self) -> str:
         return str(self.model_info()["weight_version"])
 
+    def server_info(self) -> dict:
+        """The server's resolved arguments (model_path, tp_size, dllm_algorithm, dllm_algorithm_config, ...)."""
+        return self._call("GET", "/server_info")
+
     # ---- generation -----------------------------------------------------------------------------------
     def generate(self, input_ids: list[list[int]], sampling_params: list[dict] | dict, return_logprob: bool = False,
                  rids: list[str] | None = None) -> list[dict]:
@@ -116,11 +120,16 @@ class SGLangClient:
     def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> None:
         self._call("POST", "/update_weights_from_disk", {"model_path": model_path, "weight_version": weight_version})
 
-    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
-        return self._call("POST", "/get_weights_by_name", {"name": name, "truncate_size": truncate_size})
+    def weights_checker(self, action: str) -> dict:
+        """SGLang's weight checker over the engine's own parameters: snapshot (a host copy), reset_tensors (every
+        parameter random), compare (every parameter equal to the snapshot, else HTTP 400 naming the tensors),
+        checksum (per-tensor hashes of each TP rank's shard)."""
+        return self._call("POST", "/weights_checker", {"action": action})
 
 
 def _message(data) -> str | None:
+    if isinstance(data, dict) and isinstance(data.get("detail"), list):  # FastAPI's 422: the body's bad fields
+        return "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in data["detail"])
     if isinstance(data, dict):
         if isinstance(data.get("error"), dict):
             return data["error"].get("message")

@@ -105,9 +105,9 @@ def sglang_rollout(cfg: RLConfig, hf_dir: str, env):
 
     s = cfg.sglang
     args = load_model_args(hf_dir, cfg.model.mask_token_id, cfg.model.block_size)
-    server = SGLangServerConfig(hf_dir, tp=s.engine_tp, dllm_algorithm=s.dllm_algorithm)
+    server = SGLangServerConfig.for_model(hf_dir, args, tp=s.engine_tp, dllm_algorithm=s.dllm_algorithm)
     engine = SGLangEngine.connect(s.urls, server, s.batch_size, load_tokenizer(hf_dir),
-                                  args.diffusion.block_size, first=ps.get_data_parallel_rank())
+                                  first=ps.get_data_parallel_rank())
     clients = [SGLangClient(url) for url in s.urls]
     if s.transport == "colocated":
         if env.world_size != s.engine_tp * len(clients):

@@ -196,8 +196,11 @@ class SGLangSection:
     master_address: str | None = None  # distributed: trainer rank 0's address as the engines see it
     master_port: int = 29600  # distributed: the weight-update group's rendezvous port on trainer rank 0
     weights_dir: str | None = None  # disk: where versions are written (default RUN_DIR/weights)
-    dllm_algorithm: str = "LowConfidence"  # what the servers run (decides whether sampling is possible)
-    check_weights: bool = True  # read embeddings / final norm / lm_head back after every sync and compare
+    # what the servers run: DareMegaDecoding (the project's, samples; python -m dare_mega.rollout.sglang_server)
+    # or one of SGLang's own (LowConfidence, JointThreshold: greedy); checked against each server on connect
+    dllm_algorithm: str = "DareMegaDecoding"
+    # the first sync is checked by SGLang's weight checker: snapshot, reset every parameter, sync, compare
+    check_weights: bool = True
     batch_size: int = 64  # requests per /generate call
 
 

@@ -96,7 +96,8 @@ def check_inputs(cfg: RLConfig) -> Inputs:
     if cfg.rollout.backend == "sglang":
         from dare_mega.rollout.sglang_engine import SGLangServerConfig, check_usable
 
-        check_usable(SGLangServerConfig(hf_dir, dllm_algorithm=cfg.sglang.dllm_algorithm), cfg.algorithm.estimator,
+        SGLangServerConfig.for_model(hf_dir, args, dllm_algorithm=cfg.sglang.dllm_algorithm).algorithm_config()
+        check_usable(cfg.sglang.dllm_algorithm, cfg.algorithm.estimator,
                      ESTIMATORS[cfg.algorithm.estimator].needs, cfg.rollout.temperature, cfg.rollout.n,
                      sorted(n for n, e in ESTIMATORS.items() if "step_maps" not in e.needs))
     return Inputs(train, heldout, reward_names, sandboxes, benchmarks, hf_dir, args, layout)
@@ -205,14 +206,15 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
     if transport is None:
         weights = SharedWeights(engine)
     else:
+        exporter = WeightExporter(chunks, args, table, cfg.rollout.sync_bucket_mb * 1024**2)
         check = None
-        if cfg.rollout.backend == "sglang" and cfg.sglang.check_weights:
-            from dare_mega.weight_sync.sync import SGLangWeightCheck
+        if cfg.rollout.backend == "sglang":
+            from dare_mega.weight_sync.sync import SGLangWeightCheck, check_against_checkpoint
 
-            check = SGLangWeightCheck(transport.clients)
-        weights = WeightSync(WeightExporter(chunks, args, table, cfg.rollout.sync_bucket_mb * 1024**2), transport,
-                             check=check,
-                             check_names=[n for b in table.bindings() if b.layer is None for n in b.hf_names])
+            check_against_checkpoint(exporter.plan, hf_dir)  # SGLang's loaders would skip a name silently
+            if cfg.sglang.check_weights:  # the engines loaded hf_dir; a trainer starting elsewhere re-syncs
+                check = SGLangWeightCheck(transport.clients, resync=bool(cfg.model.init))
+        weights = WeightSync(exporter, transport, check=check)
     weights.sync(0)
 
     # resume

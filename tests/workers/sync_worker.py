@@ -26,7 +26,7 @@ def main():
     from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
     from dare_mega.rollout.sglang_client import SGLangClient
     from dare_mega.weight_sync.export import WeightExporter
-    from dare_mega.weight_sync.sync import SGLangWeightCheck, WeightSync
+    from dare_mega.weight_sync.sync import SGLangWeightCheck, WeightSync, check_against_checkpoint
     from dare_mega.weight_sync.transports import ColocatedTensorTransport, DiskTransport, DistributedTransport
 
     env = init_distributed()
@@ -45,9 +45,10 @@ def main():
             transport = DistributedTransport(clients, case["engine_tp"], "127.0.0.1", case["port"], backend="gloo")
         else:
             transport = DiskTransport(clients, case["dir"], assets_dir=spec["hf"] if case.get("assets") else None)
-        checked = [name for b in table.bindings() if b.layer is None for name in b.hf_names]  # kept unfused
-        sync = WeightSync(exporter, transport, retries=case.get("retries", 2), check=SGLangWeightCheck(transport.clients),
-                          check_names=checked)
+        check_against_checkpoint(exporter.plan, spec["hf"])
+        # the weights move before every sync, so the checked first sync is a repeated one (resync)
+        sync = WeightSync(exporter, transport, retries=case.get("retries", 2),
+                          check=SGLangWeightCheck(transport.clients, resync=True))
         reports = []
         for version in case["versions"]:
             with torch.no_grad():
@@ -61,8 +62,7 @@ def main():
             dist.barrier()
         if hasattr(transport, "close"):
             transport.close()
-        results.append({"name": case["name"], "reports": reports, "buckets": len(exporter.plan.buckets),
-                        "checked": len(checked)})
+        results.append({"name": case["name"], "reports": reports, "buckets": len(exporter.plan.buckets)})
     finish(env, sys.argv[2], results)
 
 

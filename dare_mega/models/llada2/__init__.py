@@ -46,5 +46,6 @@ LLADA2 = register(
         tiny_tokenizer=TINY_TOKENIZER,
         # LLaDA2 generate(): temperature 0, steps 32 per block, threshold 0.95
         decoding={"policy": "low_confidence_dynamic", "threshold": 0.95, "steps": 32, "temperature": 0.0},
+        sglang_dllm={"block_size": 32, "mask_id": 156895},
     )
 )

@@ -44,5 +44,6 @@ SDAR = register(
         tiny_tokenizer=TINY_TOKENIZER,
         # SDAR README / JetEngine: dynamic low-confidence unmasking at threshold 0.9, greedy
         decoding={"policy": "low_confidence_dynamic", "threshold": 0.9, "temperature": 0.0},
+        sglang_dllm={"block_size": 4, "mask_id": 151669},
     )
 )

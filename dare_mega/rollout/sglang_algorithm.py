@@ -1,0 +1,153 @@
+"""DareMegaDecoding: the native engine's block decoding as an SGLang dLLM algorithm (sglang 0.5.23's
+`DllmAlgorithm`), so that an SGLang server samples and unmasks as rollout/decoder.py does. Imported only inside
+SGLang processes (it imports sglang); registered by rollout/sglang_plugin.py.
+
+Serve it with `--dllm-algorithm DareMegaDecoding --dllm-algorithm-config FILE.yaml` (SGLangServerConfig writes
+the file). Its keys:
+  block_size     SGLang's own key: the block size its scheduler uses (the model's)
+  mask_id        the model's mask token. SGLang fills new blocks with its per-architecture id whatever the model
+                 says; this algorithm replaces it by the model's before every forward
+  policy, threshold, steps, entropy_bound
+                 the unmasking settings of rollout/types.py's SamplingParams (defaults as there)
+Per request, from SGLang's batch: temperature, top_p and top_k (SGLang sends greedy requests as top_k = 1,
+temperature 1: decoded here as the native engine's temperature 0); the seed from the request id
+('<anything>#<seed>', what SGLangEngine sends), else a hash of the id. A request's generator lives across its
+blocks, so it draws the same uniforms as the native engine's request with that seed, and the same logits give
+the same tokens and reveals (tests/test_sglang_algorithm.py).
+Every dare_mega request carries custom_params {"dare_mega": {"block_size": B, "mask_id": M}}; a server
+configured otherwise refuses it (HTTP 400 naming both values) before decoding anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import torch
+from sglang.srt.dllm.algorithm.base import DllmAlgorithm
+from sglang.srt.sampling.sampling_params import TOP_K_ALL
+
+from dare_mega.rollout.policies import denoise_step
+from dare_mega.rollout.types import POLICIES, SamplingParams
+
+CLAIM = "dare_mega"  # the custom_params key of a request's claims about the server's configuration
+GENERATORS_KEPT = 4096  # requests whose generators are remembered (far more than run at once)
+
+
+def request_seed(rid: str) -> int:
+    """'<anything>#<seed>' -> seed; any other id -> a stable 63-bit hash of it."""
+    head, sep, tail = (rid or "").rpartition("#")
+    if sep and tail.lstrip("-").isdigit():
+        return int(tail)
+    return int.from_bytes(hashlib.blake2b((rid or "").encode(), digest_size=8).digest(), "little") >> 1
+
+
+def settings(algorithm_config: dict, mask_id: int) -> dict:
+    """The unmasking settings and the model's mask id from the server's algorithm config; a bad key or value
+    stops the server at start-up."""
+    known = {"block_size", "mask_id", "policy", "threshold", "steps", "entropy_bound"}
+    unknown = sorted(set(algorithm_config) - known)
+    if unknown:
+        raise ValueError(f"DareMegaDecoding: unknown --dllm-algorithm-config keys {unknown}; known: {sorted(known)}")
+    out = {"mask_id": int(algorithm_config.get("mask_id", mask_id))}
+    defaults = SamplingParams()
+    out["policy"] = algorithm_config.get("policy", defaults.policy)
+    if out["policy"] not in POLICIES:
+        raise ValueError(f"DareMegaDecoding: policy={out['policy']!r}; expected one of {', '.join(POLICIES)}")
+    out["threshold"] = float(algorithm_config.get("threshold", defaults.threshold))
+    out["entropy_bound"] = float(algorithm_config.get("entropy_bound", defaults.entropy_bound))
+    out["steps"] = algorithm_config.get("steps")
+    SamplingParams(policy=out["policy"], threshold=out["threshold"], entropy_bound=out["entropy_bound"],
+                   steps=out["steps"]).check()
+    return out
+
+
+class DareMegaDecoding(DllmAlgorithm):
+    def __init__(self, config):
+        super().__init__(config)
+        self.fill_id = config.mask_id  # what SGLang's scheduler writes into new blocks (self.mask_id too)
+        options = settings(dict(config.algorithm_config or {}), config.mask_id)
+        self.model_mask_id = options.pop("mask_id")
+        self.options = options
+        self.steps = options["steps"] or self.block_size
+        self.generators: OrderedDict[str, torch.Generator] = OrderedDict()
+
+    @classmethod
+    def validate_request(cls, req) -> str | None:
+        claim = ((req.sampling_params.custom_params or {}).get(CLAIM)) or {}
+        config = req.dllm_config
+        served = {"block_size": config.block_size,
+                  "mask_id": int((config.algorithm_config or {}).get("mask_id", config.mask_id))}
+        wrong = [f"{k}={claim[k]} (the trainer's model) but the server decodes with {k}={served[k]}"
+                 for k in ("block_size", "mask_id") if k in claim and int(claim[k]) != served[k]]
+        if wrong:
+            return "DareMegaDecoding: " + "; ".join(wrong) + " (--dllm-algorithm-config)"
+        if req.sampling_params.min_p or req.sampling_params.repetition_penalty != 1.0:
+            return "DareMegaDecoding samples with temperature, top_p and top_k only (min_p / penalties unsupported)"
+        return None
+
+    def max_steps(self, block_size: int) -> int:
+        return self.steps + 1  # the last step reveals what is left; one more call reports the block done
+
+    # ---- the block loop's hooks -----------------------------------------------------------------------
+    def _blocks(self, forward_batch) -> torch.Tensor:
+        return forward_batch.input_ids.view(forward_batch.batch_size, self.block_size)
+
+    def _prompt(self, forward_batch) -> torch.Tensor:
+        """The block's committed positions: SGLang's prompt mask when it sends one (a prompt holding the mask
+        id literally), else every position that holds neither SGLang's fill id nor the model's mask id."""
+        if forward_batch.dllm_prompt_mask is not None:
+            return forward_batch.dllm_prompt_mask.bool()
+        blocks = self._blocks(forward_batch)
+        return (blocks != self.fill_id) & (blocks != self.model_mask_id)
+
+    def prepare_inputs(self, model_runner, forward_batch, states) -> None:
+        if self.fill_id != self.model_mask_id:  # the model sees its own mask token, never SGLang's
+            blocks = self._blocks(forward_batch)
+            blocks.masked_fill_(blocks == self.fill_id, self.model_mask_id)
+
+    def init_step_state(self, forward_batch) -> list:
+        prompt = self._prompt(forward_batch)
+        return [{"step": 0, "initially_masked": int((~prompt[i]).sum())} for i in range(forward_batch.batch_size)]
+
+    def _generator(self, rid: str) -> torch.Generator:
+        generator = self.generators.get(rid)
+        if generator is None:
+            generator = torch.Generator().manual_seed(request_seed(rid))
+            self.generators[rid] = generator
+            while len(self.generators) > GENERATORS_KEPT:
+                self.generators.popitem(last=False)
+        self.generators.move_to_end(rid)
+        return generator
+
+    def _params(self, sampling_info, i: int) -> SamplingParams:
+        temperature = float(sampling_info.temperatures.view(-1)[i])
+        top_k = int(sampling_info.top_ks.view(-1)[i])
+        top_p = float(sampling_info.top_ps.view(-1)[i])
+        if top_k == 1:  # SGLang's greedy
+            temperature, top_k = 0.0, 0
+        return SamplingParams(temperature=temperature, top_k=0 if top_k >= TOP_K_ALL else top_k, top_p=top_p,
+                              policy=self.options["policy"], threshold=self.options["threshold"],
+                              entropy_bound=self.options["entropy_bound"], steps=self.steps)
+
+    def step(self, forward_batch, full_logits: torch.Tensor, states: list) -> list[bool]:
+        batch = forward_batch.batch_size
+        logits = full_logits.view(batch, self.block_size, full_logits.shape[-1])
+        blocks, prompt = self._blocks(forward_batch), self._prompt(forward_batch)
+        rids = forward_batch.rids or [str(i) for i in range(batch)]
+        done = []
+        for i in range(batch):
+            masked = (blocks[i] == self.model_mask_id) & ~prompt[i]
+            if not masked.any():
+                done.append(True)  # the forward that just ran wrote the finished block's keys and values
+                continue
+            state = states[i]
+            reveal, tokens, _ = denoise_step(logits[i].float(), blocks[i], self.model_mask_id,
+                                             self._generator(rids[i]), state["step"], self.steps,
+                                             state["initially_masked"], self._params(forward_batch.sampling_info, i),
+                                             prompt=prompt[i])
+            blocks[i] = torch.where(reveal.to(blocks.device), tokens.to(blocks.device, blocks.dtype), blocks[i])
+            state["step"] += 1
+            done.append(False)
+        return done
+
