@@ -93,6 +93,12 @@ def main() -> int:
     p.add_argument("--out")
     args = p.parse_args()
 
+    import importlib.util
+
+    if importlib.util.find_spec("sglang") is None:
+        print("FAIL: sglang is not importable, and the receiver decodes with SGLang's own code: install it "
+              "(`pip install --no-deps sglang==0.5.23` with the test extra, or use the Docker image)")
+        return 1
     import requests
     import torch
 
@@ -141,6 +147,10 @@ def main() -> int:
               flush=True)
         if on_gpu and not ipc:
             failures.append("the payload holds no CUDA-IPC handles")
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if on_gpu else None
+        result["payload_names_gpu_uuid"] = bool(uuid) and uuid.encode() in raw
+        if on_gpu and not result["payload_names_gpu_uuid"]:
+            failures.append(f"the payload's CUDA handle does not name the GPU by its UUID {uuid}")
         del first, probe, raw
 
         client = SGLangClient(url, timeout=300)

@@ -10,7 +10,8 @@
 #                (benchmarks/cuda_parity.py)                                      } these two run side by side
 #   pytest       in-process tests that run on CUDA when present: rollout engine,  }
 #                RL estimators and exact gradients, masks through the model, SFT packing
-#   cuda_ipc     colocated SGLang weight sync through CUDA-IPC handles to another process, bit-exact
+#   cuda_ipc     colocated SGLang weight sync through CUDA-IPC handles (GPU UUIDs) to another process that
+#                decodes with SGLang's own code (needs sglang importable), bit-exact
 #                (benchmarks/cuda_ipc_check.py)
 #   fb_*         benchmarks/forward_backward.py, SDAR-1.7B shape (random weights, bf16), seq 4096 per stream,
 #                FlexAttention then SDPA (if SDPA fails at 4096, both again at 2048)
