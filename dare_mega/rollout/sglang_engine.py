@@ -19,6 +19,7 @@ with the reason (`check_usable`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -122,7 +123,7 @@ def check_server(client: SGLangClient, config: SGLangServerConfig) -> str:
     if config.dllm_algorithm not in (None, running):
         raise SGLangError(f"{client.url} runs --dllm-algorithm {running}, but sglang.dllm_algorithm is "
                           f"{config.dllm_algorithm}")
-    probe = SGLangServerConfig(**{**config.__dict__, "dllm_algorithm": running})
+    probe = dataclasses.replace(config, dllm_algorithm=running)
     if running == PROJECT_ALGORITHM:
         # the server compares the request's claims with its configuration and refuses a mismatch (HTTP 400)
         client.generate([[0]], {"max_new_tokens": 1, "temperature": 0.0, "custom_params": claims(probe)})

@@ -151,6 +151,17 @@ def launch_command():
             "threshold": algorithm.options["threshold"]}
 
 
+def bad_flag():
+    """SGLang's parser on a command with a flag it does not know (what tests/fake_sglang.py parses with)."""
+    from fake_sglang import import_sglang
+
+    try:
+        import_sglang().prepare_server_args(["--model-path", "/m", "--no-such-flag"])
+    except SystemExit as e:
+        return {"exit": e.code}
+    return {"exit": None}
+
+
 class ModelRunner:
     """What DllmAlgorithm.run calls: forward(forward_batch) -> logits of every block position, computed by the
     native engine's model over each request's committed tokens and its current block (block-causal)."""
