@@ -67,9 +67,9 @@ def session_routes(calls: list[dict]) -> list[str]:
 
 @pytest.mark.distributed
 def test_transports_deliver_the_weights_bit_exactly(tiny_dir, tmp_path):
-    """A TP=2 x PP=2 x EP=2 (ETP=1) trainer on 8 processes syncs twice through each transport: colocated (two
-    engines of TP 4, each fed by the 4 trainer ranks on its GPUs), disaggregated (two engines of TP 1 in one
-    update group with the trainer's rank 0), and disk. Each engine receives the model's HF weights bit-exactly,
+    """A TP=2 x PP=2 x EP=2 (ETP=1) trainer on 8 processes syncs twice through each transport: colocated (an
+    engine of TP 4 fed by the 4 trainer ranks 4-7 on its GPUs), disaggregated (an engine of TP 1 in an update
+    group with the trainer's rank 0), and disk. Each engine receives the model's HF weights bit-exactly,
     through the documented call sequence, with the version set only by the last call; a bucket refused on the
     first try is retried from the start without the version ever advancing on the partial update."""
     import json
@@ -80,16 +80,15 @@ def test_transports_deliver_the_weights_bit_exactly(tiny_dir, tmp_path):
     hf = tiny_dir["llada2_moe"]
     servers = Servers(tmp_path)
     try:
+        # one server per transport (each fake imports SGLang: ~10 s of CPU)
         urls = {"coloc0": servers.start("coloc0", hf, "--tp-size", "4"),
-                "coloc1": servers.start("coloc1", hf, "--tp-size", "4"),
-                "dist0": servers.start("dist0", hf), "dist1": servers.start("dist1", hf),
-                "disk": servers.start("disk", hf),
+                "dist0": servers.start("dist0", hf), "disk": servers.start("disk", hf),
                 "flaky": servers.start("flaky", hf, "--tp-size", "8", "--fail", "/update_weights_from_tensor:3")}
         servers.wait(*urls.values())
         cases = [
-            {"name": "colocated", "kind": "colocated", "urls": [urls["coloc0"], urls["coloc1"]],
-             "engine_ranks": [[0, 1, 2, 3], [4, 5, 6, 7]], "versions": [1, 2]},
-            {"name": "distributed", "kind": "distributed", "urls": [urls["dist0"], urls["dist1"]], "engine_tp": [1, 1],
+            {"name": "colocated", "kind": "colocated", "urls": [urls["coloc0"]],
+             "engine_ranks": [[4, 5, 6, 7]], "versions": [1, 2]},
+            {"name": "distributed", "kind": "distributed", "urls": [urls["dist0"]], "engine_tp": [1],
              "port": free_port(), "versions": [1, 2]},
             {"name": "disk", "kind": "disk", "urls": [urls["disk"]], "dir": str(tmp_path / "weights"), "versions": [1, 2],
              "assets": True},
