@@ -20,6 +20,7 @@
 #   memory_*     benchmarks/memory.py: the memory plan vs torch.cuda.max_memory_allocated per phase, and the
 #                offload's seconds, for the SDAR-1.7B shape and SDAR-30B-A3B's with 4 layers
 #   rl_step      benchmarks/rl_step.py, cached+packed vs nocache+padded, 3 steps
+#   replay       benchmarks/replay.py: the trainer's replay of SGLang trajectories against the rollout it replays
 #
 # Output, flat in $OUT (default outputs/gpu_checks): gpu_checks.log (every step's output, appended as it
 # runs), summary.txt (one line per step: exit status, seconds, PASS/FAIL/SKIP), results.json (every JSON
@@ -144,6 +145,7 @@ if [[ $SMOKE == 1 ]]; then
     IPC_ARGS=(--layers 1 --hidden 128 --bucket-mb 4)
     RO_ARGS=(--train-steps 5 --new-tokens 16 --batch 2)
     RL_ARGS=(--steps 2 --prompts 1 --n 2 --max-new-tokens 16 --threads 2)
+    RP_ARGS=(--train-steps 5 --new-tokens 16 --batch 2)
     MEM_DENSE=(--preset tiny-sdar --tokens 64 --new-tokens 8 --rows 2)
     MEM_MOE=(--preset tiny-sdar-moe --tokens 64 --new-tokens 8 --rows 2)
 else
@@ -152,6 +154,7 @@ else
     IPC_ARGS=()
     RO_ARGS=()
     RL_ARGS=(--steps 3)
+    RP_ARGS=(--train-steps 100 --batch 32)
     MEM_DENSE=(--preset sdar-1.7b-chat --tokens 4096 --new-tokens 256 --rows 16)
     MEM_MOE=(--preset sdar-30b-a3b-chat --layers 4 --tokens 4096 --new-tokens 256 --rows 16)
 fi
@@ -209,6 +212,7 @@ step memory_dense 90 "$PY" benchmarks/memory.py "${MEM_DENSE[@]}" --out "$RES/me
 step memory_moe 120 "$PY" benchmarks/memory.py "${MEM_MOE[@]}" --out "$RES/memory-moe.json"
 step rl_step 240 "$PY" benchmarks/rl_step.py "${RL_ARGS[@]}" --variants cached+packed,nocache+padded \
     --out "$RES/rl_step.json"
+step replay 90 "$PY" benchmarks/replay.py "${RP_ARGS[@]}" --workdir "$WORK/replay" --out "$RES/replay.json"
 
 # ---- results -----------------------------------------------------------------------------------------
 collect | tee -a "$LOG"

@@ -395,8 +395,9 @@ class FakeSGLang:
                 params.append(parsed)
         except Exception as e:  # noqa: BLE001 - SGLang answers 400 with the reason
             return 400, {"error": {"message": f"{type(e).__name__}: {e}"}}
-        for sp in params:  # the scheduler's validate_dllm_request: an abort with status 400
-            error = type(self.algorithm).validate_request(SimpleNamespace(sampling_params=sp, dllm_config=self.dllm))
+        for sp, rid in zip(params, rids):  # the scheduler's validate_dllm_request: an abort with status 400
+            error = type(self.algorithm).validate_request(SimpleNamespace(sampling_params=sp, dllm_config=self.dllm,
+                                                                          rid=rid))
             if error:
                 return 400, {"error": {"message": error}}
         out = []
@@ -411,14 +412,15 @@ class FakeSGLang:
     def _decode(self, prompts, sp, rid=None):
         """What the served algorithm decodes: DareMegaDecoding samples as the native engine does (the same
         function, tests/test_sglang_algorithm.py); SGLang's own algorithms take the argmax with a threshold."""
-        from dare_mega.rollout.sglang_algorithm import DareMegaDecoding, request_seed
+        from dare_mega.rollout.sglang_algorithm import DareMegaDecoding, request_seed, unmasking
         from dare_mega.rollout.types import SamplingParams
 
         stops = tuple(sp.stop_token_ids) if sp.stop_token_ids else None
         common = dict(max_new_tokens=sp.max_new_tokens, block_size=self.dllm.block_size, stop_token_ids=stops)
         if isinstance(self.algorithm, DareMegaDecoding):
             greedy = sp.top_k == 1
-            params = SamplingParams(**common, **self.algorithm.options, temperature=0.0 if greedy else sp.temperature,
+            options = unmasking(DareMegaDecoding.claimed.get(rid, {}), self.algorithm.options, "request")
+            params = SamplingParams(**common, **options, temperature=0.0 if greedy else sp.temperature,
                                     top_p=sp.top_p, top_k=0 if greedy or sp.top_k >= 1 << 30 else sp.top_k,
                                     seeds=(request_seed(rid or ""),))
         else:

@@ -2,8 +2,11 @@
 
 Every layout must give the native engine's tokens, step maps and log-probs on the same weights (float32;
 greedy and seeded sampling; with and without the block KV cache on either side), with replicas decoding uneven
-shares of the prompts (so that one replica idles in the other's expert-parallel forwards)."""
+shares of the prompts (so that one replica idles in the other's expert-parallel forwards). The same shards also
+replay the completions from their tokens alone (rollout/replay.py, what the trainer does with SGLang's
+responses): the native engine's step maps and log-probs again."""
 
+import dataclasses
 import json
 
 import pytest
@@ -49,6 +52,12 @@ def check_against_native(results, tiny_dir):
                 gap = max(abs(a - b) for a, b in zip(mine["generated_logprobs"], theirs.generated_logprobs))
                 assert gap <= 1e-5, f"{name}: log-probs differ by {gap:.2e}"
                 assert mine["forwards"] == theirs.forwards or cache != result["cache"], name  # the same loop
+            for replayed, theirs in zip(result.get("replayed", ()), native):
+                assert replayed["generated_ids"] == theirs.generated_ids, f"{name}, replayed"
+                assert replayed["generated_reveal_steps"] == theirs.generated_reveal_steps, f"{name}, replayed"
+                gap = max(abs(a - b) for a, b in zip(replayed["generated_logprobs"], theirs.generated_logprobs))
+                assert gap <= 1e-5, f"{name}, replayed: log-probs differ by {gap:.2e}"
+            assert result.get("replay_mismatched", 0) == 0, name
 
 
 def test_one_process_matches_the_native_engine(tiny_dir, world1):
@@ -57,6 +66,7 @@ def test_one_process_matches_the_native_engine(tiny_dir, world1):
     from dare_mega.models.runner import Runner
     from dare_mega.parallel import ParallelLayout
     from dare_mega.rollout.megatron_engine import MegatronEngine
+    from dare_mega.rollout.replay import replay
 
     results = []
     for family in FAMILIES:
@@ -65,8 +75,13 @@ def test_one_process_matches_the_native_engine(tiny_dir, world1):
         for fields in PARAMS:
             params = SamplingParams(**{**fields, "seeds": tuple(1000 + i for i in range(len(PROMPTS)))})
             for cache in (True, False):
+                completions = engine.generate(PROMPTS, params, cache=cache)
                 results.append({"hf": tiny_dir[family], "layout": {}, "params": fields, "cache": cache,
-                                "completions": [c.to_dict() for c in engine.generate(PROMPTS, params, cache=cache)]})
+                                "completions": [c.to_dict() for c in completions]})
+            bare = [dataclasses.replace(c, logprobs=[], reveal_steps=[], generated_ids=[], generated_logprobs=[],
+                                        generated_reveal_steps=[]) for c in completions]
+            replayed, stats = replay(engine, bare, params, logits_bytes=1)  # one row per forward
+            results[-1].update(replayed=[c.to_dict() for c in replayed], replay_mismatched=stats.mismatched)
     check_against_native(results, tiny_dir)
     assert any(c["finish_reason"] == "stop" for r in results for c in r["completions"])  # EOS handling is seen
 

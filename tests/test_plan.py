@@ -121,6 +121,24 @@ def test_offload_and_recompute_lower_the_phases_they_should(tiny_dir):
     assert a.peak("sync") == b.peak("sync")
 
 
+def test_the_replay_of_sglang_rollouts_is_counted_within_its_logits_budget(tiny_dir):
+    """rollout.backend=sglang with the trajectory estimator: the replay's forwards (rollout/replay.py) gather the
+    full-vocabulary logits of rows that stay under sglang.replay_logits_mb, plus the rows' own output."""
+    from dare_mega.models.builder import load_model_args
+    from dare_mega.trainer.memory_plan import canvas, plan, rollout_rows
+
+    args = load_model_args(tiny_dir["sdar_moe"])
+    common = ["rollout.backend=sglang", "sglang.urls=[http://x:1]", "train.pack_tokens=256", "model.dtype=float32"]
+    replayed = load_config(RLConfig, None, [*common, "algorithm.estimator=trajectory", "sglang.replay_logits_mb=1"])
+    plain = load_config(RLConfig, None, [*common, "algorithm.estimator=d1"])
+    got = plan(replayed, args, 1, 2**40, rl=True).parts["rollout_logits"]
+    assert plan(plain, args, 1, 2**40, rl=True).parts["rollout_logits"] == 0
+    length = canvas(replayed, replayed.plan.prompt_tokens, args.diffusion.block_size)
+    rows = min(rollout_rows(replayed, 1), max(1, 2**20 // (length * args.vocab_size * 4)))
+    assert rows * length * args.vocab_size * 4 <= 2**20 or rows == 1
+    assert got == rows * length * args.vocab_size * 4 + rows * 2 * length * args.vocab_size * 4
+
+
 def test_the_trainers_refuse_a_plan_that_does_not_fit_before_building_anything(tmp_path, monkeypatch):
     from dare_mega.trainer import rl, sft
 

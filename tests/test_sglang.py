@@ -111,8 +111,11 @@ def test_health_is_503_while_starting_then_200(started):
 def test_sglang_refuses_what_it_cannot_train_or_would_decode_wrong(tiny_dir):
     from dare_mega.models.builder import load_model_args
 
-    with pytest.raises(ConfigError, match="estimator=trajectory replays each token's denoising step"):
-        check_usable("DareMegaDecoding", "trajectory", {"step_maps", "rollout_logprobs"}, 1.0, 8, ("d1", "ebpo"))
+    with pytest.raises(ConfigError, match="estimator=trajectory replays each token's denoising step.* replaying "
+                                          "DareMegaDecoding, not SGLang's LowConfidence"):
+        check_usable("LowConfidence", "trajectory", {"step_maps", "rollout_logprobs"}, 0.0, 1, ("d1", "ebpo"))
+    # the trainer replays DareMegaDecoding's trajectories (tests/test_replay.py)
+    check_usable("DareMegaDecoding", "trajectory", {"step_maps", "rollout_logprobs"}, 1.0, 8, ("d1", "ebpo"))
     with pytest.raises(ConfigError, match="LowConfidence decodes greedily .* 8 completions of a group"):
         check_usable("LowConfidence", "ebpo", frozenset(), 1.0, 8)
     check_usable("LowConfidence", "ebpo", frozenset(), 0.0, 1)  # greedy evaluation is fine
@@ -239,11 +242,11 @@ def test_weight_check_and_name_check_fail_loudly(server, tiny_dir, tmp_path):
 
 @pytest.mark.distributed
 def test_rl_loop_on_sglang_servers(tmp_path):
-    """rollout.backend=sglang: two RL steps of GRPO groups (n=2, temperature 1) sampled by DareMegaDecoding on a
-    (fake) SGLang server, weights back through the disk transport; SGLang's weight checker around the first sync
-    (snapshot, reset, compare); the server answers with the new version each step. The trajectory estimator and
-    a model SGLang's own algorithms would decode wrong are refused up front (the latter in
-    test_sglang_refuses_what_it_cannot_train_or_would_decode_wrong)."""
+    """rollout.backend=sglang: two RL steps of the trajectory estimator on GRPO groups (n=2, temperature 1)
+    sampled by DareMegaDecoding on a (fake) SGLang server with the trainer's unmasking settings; each token's
+    reveal step and log-prob from the trainer's replay (no token differs: the same float32 model), weights back
+    through the disk transport; SGLang's weight checker around the first sync (snapshot, reset, compare); the
+    server answers with the new version each step."""
     from conftest import torchrun
 
     from dare_mega.checkpoint.tiny import cached_tiny_checkpoint
@@ -256,21 +259,24 @@ def test_rl_loop_on_sglang_servers(tmp_path):
         common = ["--config", "configs/recipes/rl_tiny_sdar_moe.yaml", "rollout.backend=sglang",
                   f"sglang.urls=[{url}]", "sglang.transport=disk", "task.heldout=2", "eval.samples=1",
                   "rollout.prompts_per_step=2", "logging.progress=false", "checkpoint.every=1000"]
-        refused = torchrun(1, ["-m", "dare_mega.trainer.rl", *common, f"run_dir={tmp_path / 'x'}"], timeout=300)
-        assert refused.returncode != 0 and "estimator=trajectory replays each token's denoising step" in refused.stderr
         proc = torchrun(1, ["-m", "dare_mega.trainer.rl", *common, f"run_dir={tmp_path / 'run'}", "train.steps=2",
-                            "algorithm.estimator=d1", "rollout.n=2", "rollout.temperature=1.0"], timeout=600)
+                            "algorithm.estimator=trajectory", "rollout.n=2", "rollout.temperature=1.0",
+                            "rollout.threshold=0.6"], timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
-        assert "rollouts on SGLangEngine" in proc.stdout
+        assert "rollouts on SGLangEngine" in proc.stdout and "estimator trajectory replay" in proc.stdout
         steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         assert [r["weight_version"] for r in steps] == [1, 2]
+        assert all(r["replay_mismatch"] == 0 and r["replay_forwards"] >= 1 and r["time_replay"] > 0 for r in steps)
+        assert all(r["rollout_train_gap"] <= 1e-5 for r in steps)  # the replay's log-probs are the trainer's
         calls = servers.calls(url)
         generated = [c["version"] for c in calls if c["route"] == "/generate"]
         assert {"0", "1", "2"} <= set(generated)  # held-out eval at 0, step 1 at 0... the final eval at 2
         assert calls[-1]["version"] == "2" and (tmp_path / "run" / "weights" / "v2").is_dir()
         checker = [c["body"]["action"] for c in calls if c["route"] == "/weights_checker"]
         assert checker == ["snapshot", "reset_tensors", "compare"]  # around the first sync only
-        claims = {json.dumps(c["body"]["sampling_params"]["custom_params"]) for c in calls if c["route"] == "/generate"}
-        assert claims == {json.dumps({"dare_mega": {"block_size": 4, "mask_id": 259}})}
+        claims = [c["body"]["sampling_params"]["custom_params"]["dare_mega"] for c in calls
+                  if c["route"] == "/generate" and c["body"]["sampling_params"].get("max_new_tokens", 0) > 1]
+        assert claims and all(c == {"block_size": 4, "mask_id": 259, "policy": "low_confidence_dynamic",
+                                    "threshold": 0.6, "steps": None, "entropy_bound": 0.35} for c in claims)
     finally:
         servers.stop()

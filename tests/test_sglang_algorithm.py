@@ -26,6 +26,9 @@ CASES = {
     "entropy": {"model": "tiny-sdar-moe", "prompts": [[4, 5]], "seeds": [5], "max_new_tokens": 9,
                 "sampling": {"temperature": 1.0, "top_p": 0.8},
                 "settings": {"policy": "entropy_bounded", "entropy_bound": 1.0}},
+    # the request's own unmasking settings (custom_params, what SGLangEngine sends) over the server's
+    "claimed": {**SAMPLED, "claims": {"policy": "low_confidence_static", "steps": 2, "threshold": 0.9,
+                                      "entropy_bound": 0.35}},
 }
 
 
@@ -36,7 +39,7 @@ def decoded(tmp_path_factory):
     return dict(zip(CASES, (got[c] for c in checks)))
 
 
-@pytest.mark.parametrize("case", ["sampled", "greedy", "static", "entropy"])
+@pytest.mark.parametrize("case", ["sampled", "greedy", "static", "entropy", "claimed"])
 def test_tokens_equal_the_native_engines(decoded, case):
     result = decoded[case]
     assert result["ours"] == result["native"]
@@ -47,3 +50,4 @@ def test_tokens_equal_the_native_engines(decoded, case):
 def test_another_seed_gives_other_tokens(decoded):
     assert decoded["control"]["ours"] == decoded["sampled"]["ours"]
     assert decoded["control"]["ours"] != decoded["control"]["native"]
+    assert decoded["claimed"]["ours"] != decoded["sampled"]["ours"]  # the request's settings were used

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dare_mega.errors import ConfigError
-from dare_mega.rollout.policies import denoise_step
+from dare_mega.rollout.policies import block_generator, denoise_step
 from dare_mega.rollout.types import Completion, SamplingParams, prompt_ids
 
 
@@ -32,7 +32,8 @@ class _Request:
     prompt: list[int]
     canvas: torch.Tensor  # prompt, then mask ids, to the end of the last block
     limit: int  # prompt length + max_new_tokens
-    generator: torch.Generator | None
+    seed: int | None
+    generator: torch.Generator | None = None  # the current block's (policies.block_generator)
     block_start: int = 0
     step: int = 0
     initially_masked: int = 0
@@ -112,8 +113,7 @@ class BlockDecoder:
             canvas = torch.full((length,), mask_id, dtype=torch.long)
             canvas[: len(ids)] = torch.tensor(ids, dtype=torch.long)
             seed = params.seeds[i] if params.seeds else (None if params.seed is None else params.seed + i)
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
-            requests.append(_Request(i, list(ids), canvas, limit, generator))
+            requests.append(_Request(i, list(ids), canvas, limit, seed))
         start = time.perf_counter()
         if cache:
             self._run_cached(requests, block, steps, stop_ids, params)
@@ -127,6 +127,7 @@ class BlockDecoder:
     # ---- the two decoding loops ------------------------------------------------------------------------
     def _start_block(self, r: _Request, start: int, mask_id: int) -> None:
         r.block_start, r.step = start, 0
+        r.generator = block_generator(r.seed, start // self._block)
         r.initially_masked = int((r.canvas[start : start + self._block] == mask_id).sum())
 
     def _run_cached(self, requests, block, steps, stop_ids, params):
@@ -279,4 +280,5 @@ class BlockDecoder:
             block_size=block,
             forwards=r.forwards,
             weight_version=self.weight_version,
+            seed=r.seed,
         )

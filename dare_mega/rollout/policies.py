@@ -1,15 +1,35 @@
 """Sampling a token for every position of a block, and choosing which masked positions to reveal.
 
-Sampling draws one uniform number per block position from the request's own generator at every denoising
-step, whatever is masked, so that a request's randomness depends only on its seed and its own trajectory
-(the cached and uncached engines, and any batch composition, reproduce each other exactly).
+Sampling draws one uniform number per block position at every denoising step, whatever is masked, from a
+generator of the block's own: seeded by (request seed, block index on the grid from position 0)
+(`block_generator`). So a block's randomness depends only on the request's seed and the block itself, not on
+how many steps earlier blocks took: the cached and uncached engines, any batch composition, SGLang's block loop
+(rollout/sglang_algorithm.py) and the trainer's replay of a trajectory (rollout/replay.py), which decodes every
+block at once, all draw the same numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from dare_mega.rollout.types import SamplingParams
+
+
+def block_generator(seed: int | None, block_index: int) -> torch.Generator | None:
+    """The generator of block `block_index` of the request seeded `seed` (None: the global generator)."""
+    if seed is None:
+        return None
+    key = f"{int(seed)}/{int(block_index)}".encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
+
+
+def likelihood_log_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """log softmax(logits / T) over the full vocabulary [T, V]: what a rollout records for a revealed token and
+    the trainer recomputes (T: logprob_temperature, else the sampling temperature, 1 when greedy)."""
+    temperature = params.temperature if params.temperature > 0 else 1.0
+    return torch.log_softmax(logits / (params.logprob_temperature or temperature), dim=-1)
 
 
 def sample_block(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
@@ -21,9 +41,7 @@ def sample_block(logits: torch.Tensor, params: SamplingParams, generator: torch.
     `never` (the mask id) is never sampled: revealing a mask would leave the position masked."""
     temperature = params.temperature if params.temperature > 0 else 1.0
     scaled = logits / temperature
-    # what the trainer recomputes: the full vocabulary, at the trainer's likelihood temperature
-    likelihood = params.logprob_temperature or temperature
-    log_probs = torch.log_softmax(scaled if likelihood == temperature else logits / likelihood, dim=-1)
+    log_probs = likelihood_log_probs(logits, params)
     if never is not None:
         scaled = scaled.clone()
         scaled[:, never] = float("-inf")

@@ -10,11 +10,11 @@ servers; a launched server that stops answering is restarted from the newest wei
 transport's last export, else the original model, then `on_restart(i)` so the trainer can push its current
 weights) and the batch is sent again.
 
-What SGLang 0.5.23 does not give (docs/scaling.md): per-token denoising steps and log-probs in its responses,
-so the trajectory estimator cannot train from SGLang rollouts; and its own algorithms (LowConfidence,
-JointThreshold, JointThresholdInDel) take the argmax whatever the temperature, so GRPO groups from them would be
-identical. DareMegaDecoding samples (temperature, top_p, top_k, per-request seeds). Both refusals come up front
-with the reason (`check_usable`).
+What SGLang 0.5.23 does not give (docs/scaling.md): per-token denoising steps and log-probs in its responses
+(the trainer rebuilds them for DareMegaDecoding servers by replaying the decoding, rollout/replay.py); and its
+own algorithms (LowConfidence, JointThreshold, JointThresholdInDel) take the argmax whatever the temperature, so
+GRPO groups from them would be identical. DareMegaDecoding samples (temperature, top_p, top_k, per-request
+seeds) with the request's own unmasking settings. The refusals come up front with the reason (`check_usable`).
 """
 
 from __future__ import annotations
@@ -100,11 +100,14 @@ class SGLangServerConfig:
 def check_usable(algorithm: str, estimator: str, needs, temperature: float, group_size: int,
                  without_step_maps=()) -> None:
     """Refuse, before anything starts, the combinations that SGLang's dLLM serving cannot train. `needs`: what
-    the estimator needs from the rollout ("step_maps", ...); `without_step_maps`: the estimators that need none."""
-    if "step_maps" in needs:
-        raise ConfigError(f"algorithm.estimator={estimator} replays each token's denoising step; SGLang 0.5.23's "
-                          f"responses carry no reveal steps or dLLM log-probs (and the trainer-side replay is not "
-                          f"built yet); use the native or megatron backend, or an estimator that needs no step map "
+    the estimator needs from the rollout ("step_maps", ...); `without_step_maps`: the estimators that need none.
+    Step maps come from the trainer's replay of DareMegaDecoding (rollout/replay.py), so they need that algorithm
+    on the servers."""
+    if "step_maps" in needs and algorithm != PROJECT_ALGORITHM:
+        raise ConfigError(f"algorithm.estimator={estimator} replays each token's denoising step; SGLang's responses "
+                          f"carry no reveal steps or log-probs, and the trainer rebuilds them by replaying "
+                          f"{PROJECT_ALGORITHM}, not SGLang's {algorithm}; serve with sglang.dllm_algorithm="
+                          f"{PROJECT_ALGORITHM}, or use an estimator that needs no step map "
                           f"({', '.join(without_step_maps)})")
     if algorithm in GREEDY_ALGORITHMS and temperature > 0 and group_size > 1:
         raise ConfigError(f"SGLang's {algorithm} decodes greedily (it ignores temperature={temperature}), "
@@ -145,9 +148,14 @@ def check_server(client: SGLangClient, config: SGLangServerConfig) -> str:
     return running
 
 
-def claims(config: SGLangServerConfig) -> dict:
-    """custom_params of every request to a DareMegaDecoding server: what the trainer's model is."""
-    return {"dare_mega": {"block_size": config.block_size, "mask_id": config.mask_id}}
+def claims(config: SGLangServerConfig, params: SamplingParams | None = None) -> dict:
+    """custom_params of every request to a DareMegaDecoding server: what the trainer's model is (checked by the
+    server) and how to unmask (`params`' policy, threshold, steps and entropy bound: used by the server)."""
+    claim = {"block_size": config.block_size, "mask_id": config.mask_id}
+    if params is not None:
+        claim.update(policy=params.policy, threshold=params.threshold, steps=params.steps,
+                     entropy_bound=params.entropy_bound)
+    return {"dare_mega": claim}
 
 
 class SGLangEngine:
@@ -262,7 +270,7 @@ class SGLangEngine:
         if params.stop:
             sampling["stop"] = list(params.stop)
         if self.algorithm == PROJECT_ALGORITHM:
-            sampling["custom_params"] = claims(self.config)
+            sampling["custom_params"] = claims(self.config, params)
         # DareMegaDecoding seeds request i from its id's '#<seed>' suffix: the native engine's seeds
         seeds = [params.seeds[i] if params.seeds else (None if params.seed is None else params.seed + i)
                  for i in range(len(ids))]
@@ -281,13 +289,13 @@ class SGLangEngine:
                         raise  # the server is up and refused the request: a real error
                     self.restart(server)
             for k, answer in zip(batch, answers):
-                out[k] = self._completion(ids[k], answer)
+                out[k] = self._completion(ids[k], answer, seeds[k])
         return out
 
     def _ids(self, prompt) -> list[int]:
         return prompt_ids(prompt, self.tokenizer)
 
-    def _completion(self, prompt_ids: list[int], answer: dict) -> Completion:
+    def _completion(self, prompt_ids: list[int], answer: dict, seed: int | None) -> Completion:
         meta = answer.get("meta_info", {})
         reason = (meta.get("finish_reason") or {}).get("type", "length")
         version = str(meta.get("weight_version", "0"))
@@ -296,4 +304,4 @@ class SGLangEngine:
                           finish_reason="stop" if reason == "stop" else "length", logprobs=[], reveal_steps=[],
                           generated_ids=output, generated_logprobs=[], generated_reveal_steps=[],
                           block_size=self.block_size, forwards=0,
-                          weight_version=int(version) if version.isdigit() else 0)
+                          weight_version=int(version) if version.isdigit() else 0, seed=seed)

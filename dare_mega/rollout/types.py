@@ -77,6 +77,7 @@ class Completion:
     block_size: int
     forwards: int  # model forwards this request took part in (prefill, denoising steps, commits)
     weight_version: int = 0
+    seed: int | None = None  # the request's sampling seed (what a replay of its trajectory regenerates from)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

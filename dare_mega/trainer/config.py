@@ -202,6 +202,12 @@ class SGLangSection:
     # the first sync is checked by SGLang's weight checker: snapshot, reset every parameter, sync, compare
     check_weights: bool = True
     batch_size: int = 64  # requests per /generate call
+    # estimators that need step maps (trajectory): each completion's reveal steps and log-probs come from a replay
+    # of DareMegaDecoding on the trainer's shards (rollout/replay.py); a forward's logits stay under this size
+    replay_logits_mb: int = 1024
+    # a step whose replay disagrees with the servers' tokens on more than this fraction stops the run (the servers
+    # decode with other weights or settings than the trainer's); numerics alone stay far below it
+    replay_max_mismatch: float = 0.2
 
 
 @dataclass
@@ -296,6 +302,11 @@ class RLConfig:
                               "already routes with the trainer's own routers; use routing_replay=off")
         if self.rollout.backend == "sglang" and not self.sglang.urls:
             raise ConfigError(f"{source}: rollout.backend=sglang needs sglang.urls (the servers to use)")
+        if not 0.0 <= self.sglang.replay_max_mismatch <= 1.0:
+            raise ConfigError(f"{source}: sglang.replay_max_mismatch={self.sglang.replay_max_mismatch} must be within "
+                              "[0, 1]")
+        if self.sglang.replay_logits_mb < 1:
+            raise ConfigError(f"{source}: sglang.replay_logits_mb={self.sglang.replay_logits_mb} must be >= 1")
         if self.task.name == "file" and not self.task.train:
             raise ConfigError(f"{source}: task.name=file needs task.train (a JSONL or Parquet path)")
         if self.optim.lr <= 0:

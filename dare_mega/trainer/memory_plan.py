@@ -361,6 +361,7 @@ def rollout_parts(cfg, args, layout, dtype, replicas: int, n_layers: int, table,
                   prompt_tokens: int) -> dict[str, int]:
     """The RL-only parts of one pipeline stage's rank: KV cache, engine weights, the decoding forward's logits,
     weight sync's buckets."""
+    from dare_mega.algorithms.estimators import ESTIMATORS
     from dare_mega.rollout.memory import engine_bytes
 
     itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -384,6 +385,14 @@ def rollout_parts(cfg, args, layout, dtype, replicas: int, n_layers: int, table,
         weights = engine_bytes(args, table, dtype, rows, length).weights
         out["comm_buffers"] = 2 * min(r.sync_bucket_mb * 1024**2, weights)
         out["rollout_logits"] = 0
+        if "step_maps" in ESTIMATORS[cfg.algorithm.estimator].needs:
+            # the replay's forwards (rollout/replay.py): rows of twice the canvas, the window of the response's
+            # blocks gathered to the full vocabulary, in rows that keep it under sglang.replay_logits_mb
+            budget = cfg.sglang.replay_logits_mb * 1024**2
+            chunk = min(rows, max(1, budget // (length * args.vocab_size * 4)))
+            out["rollout_logits"] = chunk * length * args.vocab_size * 4 + \
+                chunk * 2 * length * (args.vocab_size // layout.tp) * itemsize
+            notes.append("sglang with a step-map estimator: the trainer replays the rollouts (forward only)")
         if cfg.sglang.transport == "colocated":
             out["engine_weights"] = weights // cfg.sglang.engine_tp
             notes.append("sglang colocated: its KV cache is SGLang's own (--mem-fraction-static), not counted")

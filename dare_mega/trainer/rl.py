@@ -2,8 +2,9 @@
 
 The loop, as in slime's train loop: set-up (trainer/rl_setup.py), then per step the named phases of
 trainer/rl_phases.py: [offload] -> rollout (this rank's whole groups, engine weights of version step - 1) -> score
--> [dynamic sampling] -> advantages -> [reload] -> update (on Megatron) -> sync (the engine gets version step) ->
-log -> save; the bracketed phases only with train.offload / rollout.filter. Rollouts are sharded over
+-> [dynamic sampling] -> [replay] -> advantages -> [reload] -> update (on Megatron) -> sync (the engine gets
+version step) -> log -> save; the bracketed phases only with train.offload / rollout.filter / SGLang rollouts
+for an estimator that needs step maps. Rollouts are sharded over
 data-parallel ranks: with the native engine, the first rank of each replica decodes and its tensor / pipeline
 ranks receive the completions; on the Megatron backend all ranks of a replica decode together.
 """
@@ -39,6 +40,10 @@ def run(cfg: RLConfig, rollout_backend=None) -> dict:
         if cfg.rollout.filter != "none":
             with timed(times, "rollout"):  # the further rounds (decoding and scoring) and the selection
                 rollout, scored, sampled = phase.dynamic_sampling(job, rollout, scored)
+        if job.replayer is not None:  # SGLang's responses have tokens only: the trainer replays the steps
+            with timed(times, "replay"):
+                rollout, replayed = phase.replay(job, rollout)
+            sampled.update(replayed, time_replay=times["replay"])
         with timed(times, "reward"):
             batch = phase.advantages(job, rollout, scored)
         with timed(times, "offload"):

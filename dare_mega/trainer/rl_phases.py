@@ -4,6 +4,7 @@ offload     train.offload: the optimizer state and gradient buffers leave the de
 rollout     this rank's whole groups of the step's prompts, decoded by the engine (weights of version step - 1)
 score       rewards (each sample scored once, in the reward pool of its first model-parallel rank)
 dynamic_sampling  rollout.filter: more rounds until enough groups have reward variance; this rank's kept slice
+replay      SGLang rollouts for a step-map estimator: reveal steps and log-probs from the trainer's replay
 advantages  group advantages -> estimator samples; the step's global totals (samples, tokens, rewards)
 update      the policy update on Megatron (old / reference passes, then `epochs` optimizer steps)
 sync        the engine gets the weights of version `step`
@@ -178,6 +179,39 @@ def dynamic_sampling(job, first: Rollout, scored: Scored) -> tuple[Rollout, Scor
     stats = {"filter_kept_fraction": sum(g.informative for g in groups) / len(groups), "filter_rounds": rounds,
              "filter_filled": filled}
     return Rollout(step, requests, completions, lo * n), Scored(values), stats
+
+
+def replay(job, batch: Rollout) -> tuple[Rollout, dict]:
+    """Each token's reveal step and log-prob, which SGLang's responses lack, from a replay of the decoding on the
+    trainer's shards (rollout/replay.py); every rank of a replica replays its first rank's completions together.
+    A step whose tokens disagree with the replay's beyond sglang.replay_max_mismatch stops the run."""
+    from megatron.core import parallel_state as ps
+
+    from dare_mega.rollout.replay import replay as replay_trajectories
+    from dare_mega.trainer.metrics import reduce_sums
+
+    cfg, completions = job.cfg, batch.completions
+    group = ps.get_model_parallel_group()
+    if dist.get_world_size(group) > 1:
+        box = [completions]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        completions = box[0]
+    params = sampling(cfg, [c.seed for c in completions])
+    completions, stats = replay_trajectories(job.replayer, completions, params, cfg.sglang.replay_logits_mb * 1024**2)
+    sums = reduce_sums({"checked": stats.checked, "mismatched": stats.mismatched,
+                        "samples_mismatched": stats.samples_mismatched, "samples": len(completions),
+                        "forwards": stats.forwards}, job.dp_group, job.env.device)
+    fraction = sums["mismatched"] / sums["checked"] if sums["checked"] else 0.0
+    if fraction > cfg.sglang.replay_max_mismatch:
+        raise RuntimeError(
+            f"step {batch.step}: the trainer's replay of the SGLang rollouts chose another token than the servers for "
+            f"{fraction:.1%} of {int(sums['checked'])} tokens (sglang.replay_max_mismatch="
+            f"{cfg.sglang.replay_max_mismatch}): the servers decode with other weights or settings than the trainer's "
+            f"model (a failed weight sync, another checkpoint, another --dllm-algorithm-config)")
+    record = {"replay_mismatch": fraction,
+              "replay_samples_mismatched": sums["samples_mismatched"] / max(sums["samples"], 1),
+              "replay_forwards": sums["forwards"]}
+    return Rollout(batch.step, batch.requests, completions, batch.first), record
 
 
 def score(job, batch: Rollout) -> Scored:

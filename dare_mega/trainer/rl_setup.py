@@ -130,6 +130,7 @@ class RLJob:
     dp_group: object
     per_rank: int  # prompts per data-parallel rank and step
     offload: object | None = None  # TrainerOffload with train.offload
+    replayer: object | None = None  # SGLang rollouts for a step-map estimator: the trainer's shards replay them
 
     @property
     def replay(self) -> bool:
@@ -142,7 +143,7 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
     engine actors)."""
     from megatron.core import parallel_state as ps
 
-    from dare_mega.algorithms.estimators import build
+    from dare_mega.algorithms.estimators import ESTIMATORS, build
     from dare_mega.algorithms.policy import LossConfig
     from dare_mega.checkpoint.torch_dist import load_into
     from dare_mega.models.builder import build_from_hf, mapping_for
@@ -196,6 +197,15 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
             native_rollout, prompts=[r["prompt"] for r in inputs.train + inputs.heldout],
             reserve_bytes=pending_optimizer_state_bytes(optimizer)))
         engine, transport = backend(cfg, hf_dir, env)
+    replayer = None
+    if cfg.rollout.backend == "sglang" and "step_maps" in ESTIMATORS[a.estimator].needs:
+        from dare_mega.rollout.megatron_engine import MegatronEngine
+        from dare_mega.rollout.sglang_engine import PROJECT_ALGORITHM
+
+        if getattr(engine, "algorithm", PROJECT_ALGORITHM) != PROJECT_ALGORITHM:
+            raise ConfigError(f"algorithm.estimator={a.estimator}: the servers run {engine.algorithm}; the trainer "
+                              f"replays trajectories of {PROJECT_ALGORITHM} only")
+        replayer = MegatronEngine(runner)
     if replay and not hasattr(engine, "routed_experts"):
         raise ConfigError(f"algorithm.routing_replay=rollout: the rollout engine ({type(engine).__name__}) cannot "
                           "report its expert choices; use routing_replay=off")
@@ -238,4 +248,4 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
     return RLJob(cfg, inputs, env, args, chunks, optimizer, scheduler, runner, ref_runner, engine, weights, estimator,
                  loss_cfg, routing_probe, metrics, start, checkpoint_dir(cfg), meta, assets,
                  ps.get_data_parallel_rank(), ps.get_data_parallel_group(), cfg.rollout.prompts_per_step // dp,
-                 offload)
+                 offload, replayer)

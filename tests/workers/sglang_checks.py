@@ -203,13 +203,20 @@ def algorithm_vs_native(spec: dict):
     block, mask = diffusion.block_size, diffusion.mask_token_id
     fill = spec.get("fill_id", mask)
     settings = {"block_size": block, "mask_id": mask, **spec["settings"]}
-    algorithm = DareMegaDecoding(DllmConfig("DareMegaDecoding", settings, block, fill, 8))
+    config = DllmConfig("DareMegaDecoding", settings, block, fill, 8)
+    algorithm = DareMegaDecoding(config)
     prompts, seeds, sampling = spec["prompts"], spec["seeds"], spec["sampling"]
     new_tokens = spec["max_new_tokens"]
-    sg_params = [SGLangSampling(**sampling) for _ in prompts]  # what SGLang's request carries after parsing
+    claims = spec.get("claims")  # per-request unmasking settings, as SGLangEngine sends them
+    custom = {"custom_params": {"dare_mega": {"block_size": block, "mask_id": mask, **claims}}} if claims else {}
+    # what SGLang's request carries after parsing
+    sg_params = [SGLangSampling(**sampling, **custom) for _ in prompts]
     canvases = [list(p) for p in prompts]
     ends = [-(-(len(p) + new_tokens) // block) * block for p in prompts]
     rids = [f"req{i}#{seed}" for i, seed in enumerate(seeds)]
+    for rid, sp in zip(rids, sg_params):  # the scheduler validates every request before it decodes
+        error = DareMegaDecoding.validate_request(SimpleNamespace(sampling_params=sp, dllm_config=config, rid=rid))
+        assert error is None, error
     rounds = 0
     while any(len(c) < e for c, e in zip(canvases, ends)):
         live = [i for i, (c, e) in enumerate(zip(canvases, ends)) if len(c) < e]
@@ -222,7 +229,9 @@ def algorithm_vs_native(spec: dict):
             top_ks=torch.tensor([sg_params[i].top_k for i in live], dtype=torch.int32),
             min_ps=torch.zeros(n), is_all_greedy=False, is_any_greedy=False, need_top_p_sampling=True,
             need_top_k_sampling=True, need_min_p_sampling=False, vocab_size=engine.args.vocab_size)
-        batch = ForwardBatch(forward_mode=ForwardMode.DLLM_EXTEND, batch_size=n,
+        # SGLang's positions of a dLLM block: its offset on the grid and the block's positions after it
+        positions = torch.tensor([s + k for s in starts for k in range(block)])
+        batch = ForwardBatch(forward_mode=ForwardMode.DLLM_EXTEND, batch_size=n, positions=positions,
                              input_ids=torch.tensor(sum(blocks, []), dtype=torch.long),
                              req_pool_indices=torch.arange(n), seq_lens=torch.tensor(ends)[live],
                              out_cache_loc=torch.zeros(0, dtype=torch.long), seq_lens_sum=0,
@@ -240,7 +249,7 @@ def algorithm_vs_native(spec: dict):
         seed += spec.get("native_seed_shift", 0)  # a control: other seeds must give other tokens
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0 if greedy else sampling["temperature"],
                                 top_k=sampling.get("top_k", 0), top_p=sampling.get("top_p", 1.0), seeds=(seed,),
-                                stop_token_ids=(), **spec["settings"])
+                                stop_token_ids=(), **{**spec["settings"], **(claims or {})})
         native.append(engine.generate([prompt], params, cache=False)[0].generated_ids)
     return {"ours": ours, "native": native, "rounds": rounds,
             "masks_left": sum(t in (mask, fill) for c in ours for t in c)}
