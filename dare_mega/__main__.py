@@ -35,7 +35,8 @@ def parity(argv) -> int:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--ep", type=int, default=2)
     p.add_argument("--nproc", type=int, default=4)
-    p.add_argument("--mask", default="block", choices=("block", "block-causal", "causal"))
+    p.add_argument("--mask", default=None, choices=("block", "block-causal", "causal", "full"),
+                   help="the parity batch's mask (default: full for masked-diffusion models, else block)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when GPUs are present")
     args = p.parse_args(argv)
 
@@ -59,7 +60,8 @@ def parity(argv) -> int:
             sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
             "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
             "-m", "dare_mega.cli.check_logits", "--hf", hf_dir, "--tp", str(args.tp), "--pp", str(args.pp),
-            "--ep", str(args.ep), "--mask", args.mask, "--grads", "--micro-batch-size", "1", "--json", report,
+            "--ep", str(args.ep), *(["--mask", args.mask] if args.mask else []), "--grads", "--micro-batch-size", "1",
+            "--json", report,
         ]
         start = time.time()
         proc = subprocess.run(cmd, env=env, cwd=str(REPO_ROOT), capture_output=True, text=True)

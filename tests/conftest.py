@@ -88,7 +88,8 @@ def saved_activation_bytes(model, fn) -> int:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """Tiny checkpoints of each family, made once per session: {"sdar": path, "sdar_moe": ..., "llada2_moe": ...}."""
+    """Tiny checkpoints of each family, made once per session: {"sdar": path, "sdar_moe": ..., "llada2_moe": ...,
+    "llada": ...}."""
     from dare_mega.checkpoint.tiny import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
@@ -96,6 +97,7 @@ def tiny_dir(tmp_path_factory):
         "sdar": make_tiny_checkpoint(str(root / "tiny-sdar"), preset="tiny-sdar", seed=0),
         "sdar_moe": make_tiny_checkpoint(str(root / "tiny-sdar-moe"), preset="tiny-sdar-moe", seed=0),
         "llada2_moe": make_tiny_checkpoint(str(root / "tiny-llada2-moe"), preset="tiny-llada2-moe", seed=0),
+        "llada": make_tiny_checkpoint(str(root / "tiny-llada"), preset="tiny-llada", seed=0),
     }
 
 

@@ -218,3 +218,44 @@ def test_llada2_reference_names_match_the_published_index(reference_configs):
     expected = table.expected_hf()
     for name, tensor in model.state_dict().items():
         assert tuple(tensor.shape) == expected[name], name
+
+
+def test_llada_preset_mapping_and_reference_are_the_published_ones(reference_configs):
+    """LLaDA-8B-Instruct (OLMo keys): the preset is config.json as published; the mapping table names every
+    published tensor, with shapes whose bf16 bytes add up to the index's total_size; the plain PyTorch reference
+    has exactly those names and shapes; the numbers read as the model card says."""
+    import math
+
+    from dare_mega.models.llada.reference import LLaDAReference
+
+    published = reference_configs / "LLaDA-8B-Instruct"
+    cfg = json.load(open(published / "config.json"))
+    assert load_preset("llada-8b-instruct") == cfg
+    index = json.load(open(published / "model.safetensors.index.json"))
+    args = args_from_config(cfg)
+    expected = mapping_for(args).expected_hf()
+    assert set(expected) == set(index["weight_map"])
+    assert sum(math.prod(shape) for shape in expected.values()) * 2 == index["metadata"]["total_size"]
+    with torch.device("meta"):
+        model = LLaDAReference(cfg)
+    assert {n: tuple(t.shape) for n, t in model.state_dict().items()} == expected
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.num_kv_heads, args.head_dim,
+            args.ffn_hidden_size, args.vocab_size, args.rope_theta, args.max_position_embeddings) == \
+        (32, 4096, 32, 32, 128, 12288, 126464, 500000.0, 4096)
+    d = args.diffusion
+    assert (d.mask_token_id, d.attention, d.shifted_logits, d.pad_token_id, d.eos_token_ids) == \
+        (126336, "full", False, 126081, (126081, 126348))
+    assert args.features == {"full_attention"} and not args.qk_norm and not args.tie_word_embeddings
+
+
+@pytest.mark.parametrize("key,value", [("block_type", "sequential"), ("alibi", True), ("attention_layer_norm", True),
+                                       ("include_bias", True), ("scale_logits", True), ("layer_norm_type", "default"),
+                                       ("activation_type", "swiglu"), ("rope", False)])
+def test_llada_settings_outside_the_published_layout_are_refused(key, value):
+    from dare_mega.errors import ConfigError
+
+    cfg = {**load_preset("tiny-llada"), key: value}
+    with pytest.raises(ConfigError, match=rf"{key}={value!r} is not supported"):
+        args_from_config(cfg)
+    with pytest.raises(ConfigError, match="embedding_size=200 is smaller than vocab_size=300"):
+        args_from_config({**load_preset("tiny-llada"), "embedding_size": 200})

@@ -1,4 +1,5 @@
-"""Megatron vs transformers' Qwen3 / Qwen3-MoE reference, at every parallel layout (float32 on CPU).
+"""Megatron vs the families' references (transformers' Qwen3 / Qwen3-MoE; the plain-PyTorch LLaDA2 and LLaDA), at
+every parallel layout (float32 on CPU).
 
 Each case loads the same tiny HF checkpoint at a layout, runs the same seeded batch through Megatron's
 pipeline schedule with micro-batches (each data-parallel rank its own rows), and compares logits, the loss
@@ -36,9 +37,10 @@ def check(results):
 
 @pytest.mark.distributed
 def test_parity_one_process(tiny_dir, tmp_path):
-    dense, moe, llada2 = tiny_dir["sdar"], tiny_dir["sdar_moe"], tiny_dir["llada2_moe"]
+    dense, moe, llada2, llada = tiny_dir["sdar"], tiny_dir["sdar_moe"], tiny_dir["llada2_moe"], tiny_dir["llada"]
     check(run_worker(1, [
         case(dense), case(moe), case(moe, mask="block-causal"), case(dense, mask="causal"), case(llada2),
+        case(llada, mask="full"),                            # masked diffusion: bidirectional per document
         # FlexAttention (the GPU kernel's arithmetic, eager here; it has no CPU backward): same logits
         case(dense, attention="flex", grads=False), case(moe, attention="flex", micro_batch_size=2, grads=False),
     ], tmp_path))
@@ -46,7 +48,7 @@ def test_parity_one_process(tiny_dir, tmp_path):
 
 @pytest.mark.distributed
 def test_parity_two_processes(tiny_dir, tmp_path):
-    dense, moe, llada2 = tiny_dir["sdar"], tiny_dir["sdar_moe"], tiny_dir["llada2_moe"]
+    dense, moe, llada2, llada = tiny_dir["sdar"], tiny_dir["sdar_moe"], tiny_dir["llada2_moe"], tiny_dir["llada"]
     check(run_worker(2, [
         case(dense, tp=2),                                   # TP=2 with sequence parallelism
         case(moe, tp=2),                                     # MoE at TP=2 (experts at ETP=2)
@@ -55,6 +57,8 @@ def test_parity_two_processes(tiny_dir, tmp_path):
         case(dense, pp=2, micro_batch_size=1),               # 1F1B schedule, 4 micro-batches
         case(moe, pp=2, vpp=2, micro_batch_size=1),          # interleaved schedule
         case(llada2, pp=2),                                  # dense layer 0 and MoE layer 1 on stage 0
+        case(llada, tp=2, mask="full"),                      # LLaDA at TP=2 with sequence parallelism
+        case(llada, pp=2, vpp=2, mask="full"),               # and on the interleaved schedule
     ], tmp_path))
 
 

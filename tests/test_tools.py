@@ -88,10 +88,33 @@ def test_check_logits_prints_and_saves(tiny_dir, tmp_path):
 
 @pytest.mark.distributed
 def test_check_logits_exit_status_follows_the_tolerance(tiny_dir):
-    proc = torchrun(1, ["tools/check_logits.py", "--hf", tiny_dir["sdar"], "--mask", "causal", "--grads",
-                        "--tolerance", "0"])
+    """LLaDA without --mask: its own (full) mask at the default --seq-len; --tolerance 0 fails."""
+    proc = torchrun(1, ["tools/check_logits.py", "--hf", tiny_dir["llada"], "--grads", "--tolerance", "0"])
     assert proc.returncode == 1 and "FAILED" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "mask full" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1].startswith("max_abs_logit_diff=")
+
+
+@pytest.mark.parametrize("preset", ["tiny-sdar", "tiny-llada2-moe", "tiny-llada", "llada2.0-mini", "llada-8b-instruct",
+                                    "sdar-30b-a3b-chat"])
+def test_the_parity_batch_works_at_the_default_length_for_every_family(preset):
+    """Every mask kind at the default --seq-len, a block of 32 included (LLaDA2's published one); `full` puts
+    documents side by side with no block grid; a length that cannot hold two documents is refused by name."""
+    from dare_mega.cli.parity import MASK_KINDS, dense_mask, parity_batch
+    from dare_mega.models.builder import args_from_config
+    from dare_mega.models.presets import load_preset
+
+    args = args_from_config(load_preset(preset))
+    for kind in MASK_KINDS:
+        batch = parity_batch(args, kind)
+        assert batch.loss_weights.sum() > 0, kind
+    full = parity_batch(args, "full")
+    doc = (full.position_ids == 0).cumsum(1)
+    assert torch.equal(dense_mask(full)[:, 0], doc[:, :, None] == doc[:, None, :])  # each document, whole
+    assert (full.input_ids == args.diffusion.mask_token_id).any() and full.seq_len == 16
+    block = args.diffusion.block_size
+    with pytest.raises(ValueError, match=rf"--seq-len {2 * block - 1}: the block mask .* at least {2 * block}"):
+        parity_batch(args, "block", seq_len=2 * block - 1)
 
 
 @pytest.mark.distributed

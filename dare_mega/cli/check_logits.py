@@ -29,10 +29,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--etp", type=int, default=None, help="expert tensor parallel (default: 1 if ep > 1 else tp)")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
     p.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall")
-    p.add_argument("--mask", choices=("block", "block-causal", "causal"), default="block",
-                   help="block: SDAR two-stream training mask; block-causal: inference mask; causal: AR")
+    p.add_argument("--mask", choices=("block", "block-causal", "causal", "full"), default=None,
+                   help="block: SDAR two-stream training mask; block-causal: inference mask; causal: AR; full: "
+                        "masked diffusion, bidirectional within each document (default: full for LLaDA / Dream, "
+                        "else block)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=16, help="tokens per stream")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per stream (default 16, or two blocks when the block is longer)")
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--grads", action="store_true", help="also compare the loss and every gradient")
     p.add_argument("--attention", choices=("auto", "flex", "sdpa"), default="auto")
@@ -49,6 +52,10 @@ def main(argv=None) -> int:
     from dare_mega.models.transformer_config import RuntimeOptions
     from dare_mega.parallel import ParallelLayout, destroy_distributed, init_distributed
 
+    if args.mask is None:
+        from dare_mega.models.builder import load_model_args
+
+        args.mask = "full" if load_model_args(args.hf).diffusion.attention == "full" else "block"
     env = init_distributed()
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp,
                             moe_dispatcher=args.dispatcher)

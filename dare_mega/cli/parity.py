@@ -26,29 +26,53 @@ from dare_mega.diffusion.masks import (
 from dare_mega.models.args import ModelArgs
 from dare_mega.models.runner import Batch
 
-MASK_KINDS = ("block", "block-causal", "causal")
+MASK_KINDS = ("block", "block-causal", "causal", "full")
 
 
-def parity_batch(args: ModelArgs, mask_kind: str = "block", batch_size: int = 4, seq_len: int = 16,
+def default_seq_len(args: ModelArgs, mask_kind: str) -> int:
+    """Tokens per stream of the parity batch when none is asked for: 16, or two blocks of two documents each
+    when the block is longer (a document needs a whole block under the block masks; `full` needs none)."""
+    block = args.diffusion.block_size if args.diffusion else 4
+    return 16 if mask_kind == "full" else max(16, 2 * block)
+
+
+def parity_batch(args: ModelArgs, mask_kind: str = "block", batch_size: int = 4, seq_len: int | None = None,
                  seed: int = 0, token_range: int | None = None) -> Batch:
     """A seeded batch of packed rows (two samples per row) for the given mask.
 
     block:        SDAR training layout [x_t ; x_0] (2*seq_len tokens), the noisy copy masked at random,
                   loss on the masked noisy positions weighted 1/t as in SDAR training;
     block-causal: one clean stream with the inference (block-causal) mask, loss on every position;
-    causal:       the same with the token-causal mask.
+    causal:       the same with the token-causal mask;
+    full:         masked diffusion (LLaDA, Dream): one noisy stream, each document attending to itself
+                  bidirectionally, loss on its masked positions weighted 1/t; no block grid.
     """
     if mask_kind not in MASK_KINDS:
         raise ValueError(f"mask kind {mask_kind!r}: expected one of {MASK_KINDS}")
+    seq_len = seq_len or default_seq_len(args, mask_kind)
+    block = args.diffusion.block_size if args.diffusion else 4
+    if mask_kind != "full" and seq_len < 2 * block:
+        raise ValueError(f"--seq-len {seq_len}: the {mask_kind} mask packs two documents of at least one block "
+                         f"({block} tokens) each, so it needs at least {2 * block}")
+    if seq_len < 2:
+        raise ValueError(f"--seq-len {seq_len}: two documents need at least 2 tokens")
     g = torch.Generator().manual_seed(seed)
     # When config.json sets pad_token_id, HF's nn.Embedding(padding_idx=pad) never updates that row while
     # Megatron's embedding does (docs/architecture.md, "Known differences"): inputs then stay below it.
     padding_idx = args.extra.get("hf_padding_idx")
     vocab = token_range or (padding_idx if padding_idx and padding_idx < args.vocab_size else args.vocab_size)
-    block = args.diffusion.block_size if args.diffusion else 4
-    first = [int(torch.randint(block, seq_len - block + 1, (1,), generator=g)) for _ in range(batch_size)]
+    low = 1 if mask_kind == "full" else block
+    first = [int(torch.randint(low, seq_len - low + 1, (1,), generator=g)) for _ in range(batch_size)]
     positions = packed_position_ids([[n, seq_len - n] for n in first], seq_len)
     clean = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
+    if mask_kind == "full":
+        t = torch.rand(batch_size, 1, generator=g) * 0.8 + 0.1
+        masked = torch.rand(batch_size, seq_len, generator=g) < t
+        masked[:, 0] = True
+        noisy = torch.where(masked, torch.full_like(clean, args.diffusion.mask_token_id), clean)
+        # one block as long as the row: inside a document every token sees every other
+        return Batch(noisy, positions, inference_mask(positions, seq_len), labels=clean,
+                     loss_weights=masked.float() / t)
     if mask_kind != "block":
         mask = inference_mask(positions, block) if mask_kind == "block-causal" else causal_mask(positions)
         weights = torch.ones(batch_size, seq_len)
@@ -109,7 +133,7 @@ class ParityResult:
         return asdict(self)
 
 
-def run_parity(hf_dir: str, layout, mask_kind: str = "block", batch_size: int = 4, seq_len: int = 16,
+def run_parity(hf_dir: str, layout, mask_kind: str = "block", batch_size: int = 4, seq_len: int | None = None,
                micro_batch_size: int = 1, grads: bool = True, seed: int = 0, options=None,
                token_range: int | None = None, mcore_dir: str | None = None):
     """Under an initialised world: build, load, compare. Returns (ParityResult, batch, megatron logits).

@@ -52,7 +52,7 @@ def main():
             args = args_of(mcore)
             chunks = build_model(args, load_layout, RuntimeOptions(init_weights=False))
             load_into(chunks, mcore)
-            batch = parity_batch(args, "block")
+            batch = parity_batch(args, "full" if args.diffusion.attention == "full" else "block")
             from_mcore = Runner(chunks, args).logits(batch)
             reference_chunks, _ = build_from_hf(case["hf"], load_layout)
             from_hf = Runner(reference_chunks, args).logits(batch)
