@@ -33,8 +33,7 @@ def test_each_entry_declares_what_the_rest_needs(name, family):
 
 def runs_everywhere_it_is_built(args, family):
     """The Megatron model and the family's reference implement everything the model needs; the rollout
-    engine either does or refuses the model naming what it lacks (the masked-diffusion families' bidirectional
-    decoding is not in the engine yet)."""
+    engine either does or refuses the model naming what it lacks."""
     for implemented in (MEGATRON_FEATURES, family.reference_features):
         assert args.features <= implemented, (args.architecture, args.features - implemented)
     lacking = sorted(args.features - InferenceModel.FEATURES)
@@ -67,7 +66,7 @@ def test_the_megatron_builder_refuses_a_feature_it_lacks(feature, world1):
         build_model(args, ParallelLayout())
 
 
-@pytest.mark.parametrize("feature", ["shifted_logits", "qkv_bias", "full_attention"])
+@pytest.mark.parametrize("feature", ["shifted_logits", "qkv_bias"])
 def test_the_engine_refuses_a_feature_it_lacks(feature):
     args = with_feature(args_from_config(load_preset("tiny-llada2-moe")), feature)
     with pytest.raises(ConfigError, match=rf"rollout engine .*does not implement {feature} \("):

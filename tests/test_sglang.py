@@ -243,8 +243,9 @@ def test_weight_check_and_name_check_fail_loudly(server, tiny_dir, tmp_path):
 
 @pytest.mark.distributed
 def test_rl_loop_on_sglang_servers(tmp_path):
-    """rollout.backend=sglang: two RL steps of the trajectory estimator on GRPO groups (n=2, temperature 1)
-    sampled by DareMegaDecoding on a (fake) SGLang server with the trainer's unmasking settings; each token's
+    """rollout.backend=sglang at TP=2: two RL steps of the trajectory estimator on GRPO groups (n=2, temperature
+    1) sampled by DareMegaDecoding on a (fake) SGLang server with the trainer's unmasking settings, each request
+    sent once by the replica's first rank (the other gets its completions); each token's
     reveal step and log-prob from the trainer's replay (no token differs: the same float32 model), weights back
     through the disk transport; SGLang's weight checker around the first sync (snapshot, reset, compare); the
     server answers with the new version each step."""
@@ -260,9 +261,9 @@ def test_rl_loop_on_sglang_servers(tmp_path):
         common = ["--config", "configs/recipes/rl_tiny_sdar_moe.yaml", "rollout.backend=sglang",
                   f"sglang.urls=[{url}]", "sglang.transport=disk", "task.heldout=2", "eval.samples=1",
                   "rollout.prompts_per_step=2", "logging.progress=false", "checkpoint.every=1000"]
-        proc = torchrun(1, ["-m", "dare_mega.trainer.rl", *common, f"run_dir={tmp_path / 'run'}", "train.steps=2",
+        proc = torchrun(2, ["-m", "dare_mega.trainer.rl", *common, f"run_dir={tmp_path / 'run'}", "train.steps=2",
                             "algorithm.estimator=trajectory", "rollout.n=2", "rollout.temperature=1.0",
-                            "rollout.threshold=0.6"], timeout=600)
+                            "rollout.threshold=0.6", "parallel.tp=2"], timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "rollouts on SGLangEngine" in proc.stdout and "estimator trajectory replay" in proc.stdout
         steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -275,8 +276,11 @@ def test_rl_loop_on_sglang_servers(tmp_path):
         assert calls[-1]["version"] == "2" and (tmp_path / "run" / "weights" / "v2").is_dir()
         checker = [c["body"]["action"] for c in calls if c["route"] == "/weights_checker"]
         assert checker == ["snapshot", "reset_tensors", "compare"]  # around the first sync only
-        claims = [c["body"]["sampling_params"]["custom_params"]["dare_mega"] for c in calls
-                  if c["route"] == "/generate" and c["body"]["sampling_params"].get("max_new_tokens", 0) > 1]
+        decoding = [c["body"] for c in calls
+                    if c["route"] == "/generate" and c["body"]["sampling_params"].get("max_new_tokens", 0) > 1]
+        # at TP=2 one rank of the replica asks, once per request: 2 steps x 4, and 2 held-out evaluations x 2 x 2
+        assert sum(len(b["input_ids"]) for b in decoding) == 2 * 4 + 2 * 4
+        claims = [b["sampling_params"]["custom_params"]["dare_mega"] for b in decoding]
         assert claims and all(c == {"block_size": 4, "mask_id": 259, "policy": "low_confidence_dynamic",
                                     "threshold": 0.6, "steps": None, "entropy_bound": 0.35} for c in claims)
     finally:

@@ -7,6 +7,12 @@ block, each sampling every position while the policy reveals some masked ones; w
 stop rules are checked and the next block starts. All active requests move together, one forward per
 iteration, each at its own block; finished ones leave the batch.
 
+Masked diffusion models (LLaDA: `diffusion.attention == "full"`) decode semi-autoregressively as LLaDA's
+generate() does: the canvas is the prompt and max_new_tokens masks in whole blocks counted from the end of the
+prompt; every forward is the whole canvas with bidirectional attention (the later blocks still masked), and the
+current block's logits decide. There is no KV cache for them (their keys change with every step; Fast-dLLM's
+caches are approximations, not built).
+
 A backend provides `_block_logits` (the logits of each row's current block, from a forward of its whole
 prefix) and, for the cached loop, `_cached_forward` (a forward with the block KV cache of
 diffusion/kv_cache.py; `supports_cache`). Backends whose forwards are collectives across replicas (the
@@ -58,6 +64,7 @@ class BlockDecoder:
         self.device = torch.device(device)
         self.weight_version = 0
         self.stats = {"forwards": 0, "tokens": 0, "seconds": 0.0}
+        self._full = args.diffusion.attention == "full"  # masked diffusion (set again by every generate)
 
     # ---- what a backend provides -----------------------------------------------------------------------
     def _block_logits(self, tokens, positions, mask, starts: torch.Tensor, width: int) -> torch.Tensor:
@@ -87,6 +94,11 @@ class BlockDecoder:
         params.check()
         if not prompts:
             raise ConfigError("generate: the prompt list is empty")
+        self._full = self.args.diffusion.attention == "full"
+        if cache and self._full:
+            raise ConfigError(f"generate: {self.args.architecture} is a masked diffusion model (bidirectional "
+                              "attention over the whole canvas): its keys change with every step, so there is no "
+                              "exact KV cache; decode with cache=False (rollout.cache=false)")
         if cache and not self.supports_cache:
             raise ConfigError(f"generate: {type(self).__name__} does not implement the block KV cache yet; decode "
                               "with cache=False (rollout.cache=false)")
@@ -101,7 +113,9 @@ class BlockDecoder:
         requests = []
         for i, ids in enumerate(prompt_ids):
             limit = len(ids) + params.max_new_tokens
-            length = -(-limit // block) * block
+            # the block grid: from position 0 (block diffusion), from the end of the prompt (masked diffusion)
+            origin = len(ids) if self._full else 0
+            length = origin + -(-(limit - origin) // block) * block
             if length > context:
                 raise ConfigError(
                     f"generate: prompt {i} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} "
@@ -127,7 +141,8 @@ class BlockDecoder:
     # ---- the two decoding loops ------------------------------------------------------------------------
     def _start_block(self, r: _Request, start: int, mask_id: int) -> None:
         r.block_start, r.step = start, 0
-        r.generator = block_generator(r.seed, start // self._block)
+        origin = len(r.prompt) if self._full else 0
+        r.generator = block_generator(r.seed, (start - origin) // self._block)
         r.initially_masked = int((r.canvas[start : start + self._block] == mask_id).sum())
 
     def _run_cached(self, requests, block, steps, stop_ids, params):
@@ -188,14 +203,16 @@ class BlockDecoder:
         self._block = block
         mask_id = self.args.diffusion.mask_token_id
         for r in requests:
-            self._start_block(r, len(r.prompt) // block * block, mask_id)
+            self._start_block(r, len(r.prompt) if self._full else len(r.prompt) // block * block, mask_id)
         active = list(range(len(requests)))
         while self._another_forward(bool(active)):
             if not active:  # this replica is done, others are not: keep their collectives company
                 self._idle_forward(block)
                 continue
             rows = [requests[i] for i in active]
-            tokens, positions, new_mask = self._prefixes(rows, [r.block_start + block for r in rows], block)
+            # masked diffusion sees the whole canvas, the later blocks still masked
+            ends = [r.canvas.numel() if self._full else r.block_start + block for r in rows]
+            tokens, positions, new_mask = self._prefixes(rows, ends, block)
             starts = torch.tensor([r.block_start for r in rows])
             logits = self._block_logits(tokens, positions, new_mask, starts, block)
             self.stats["forwards"] += 1
@@ -210,8 +227,8 @@ class BlockDecoder:
             active = [i for i in active if not requests[i].done]
 
     def _prefixes(self, rows, ends: list[int], block: int):
-        """Each row's canvas up to its end, padded to the longest, with the block-causal mask (padding
-        positions attend only to themselves)."""
+        """Each row's canvas up to its end, padded to the longest, with the block-causal mask (bidirectional
+        over the row for masked diffusion; padding positions attend only to themselves)."""
         dev = self.device
         width = max(ends)
         tokens = torch.stack([torch.nn.functional.pad(r.canvas[:e], (0, width - min(e, r.canvas.numel())))
@@ -220,6 +237,8 @@ class BlockDecoder:
         valid = torch.tensor(ends, device=dev)[:, None] > torch.arange(width, device=dev)[None, :]
         blk = torch.arange(width, device=dev) // block
         causal = blk[None, :] <= blk[:, None]
+        if self._full:
+            causal = torch.ones_like(causal)
         eye = torch.eye(width, dtype=torch.bool, device=dev)[None]
         return tokens, positions, (causal[None] & valid[:, None, :] & valid[:, :, None]) | eye
 
@@ -259,8 +278,7 @@ class BlockDecoder:
 
     def _completion(self, r: _Request, block: int) -> Completion:
         start = len(r.prompt)
-        decoded_end = max(r.reveal_step) + 1 if r.reveal_step else start
-        decoded_end = -(-decoded_end // block) * block
+        decoded_end = r.block_start + block  # the end of the last block decoded
         positions = range(start, r.end)
         completion = r.canvas[start : r.end].tolist()
         text = r.text

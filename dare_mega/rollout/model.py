@@ -30,7 +30,7 @@ from dare_mega.models.weight_mapping import LayoutContext, MappingTable
 class InferenceModel(torch.nn.Module):
     # what this forward implements (models/family.py: FEATURES); decoding is block by block
     FEATURES = frozenset({"qk_norm", "partial_rope", "router_softmax", "router_sigmoid", "router_sigmoid_grouped",
-                          "expert_bias", "shared_expert"})
+                          "expert_bias", "shared_expert", "full_attention"})
 
     def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.float32, device="cpu"):
         require_features(args, self.FEATURES, "the native rollout engine (rollout/model.py)")

@@ -81,7 +81,7 @@ def choose_reveals(masked: torch.Tensor, confidence: torch.Tensor, entropy: torc
         return torch.zeros_like(masked)
     if step >= steps - 1:
         return masked.clone()
-    if params.policy == "low_confidence_static":
+    if params.policy in ("low_confidence_static", "random_static"):  # random: `confidence` holds uniforms
         quota = initially_masked // steps + (1 if step < initially_masked % steps else 0)
         count = min(quota, remaining)
     elif params.policy == "low_confidence_dynamic":
@@ -112,4 +112,6 @@ def denoise_step(logits: torch.Tensor, block_tokens: torch.Tensor, mask_id: int,
     if prompt is not None:
         masked = masked & ~prompt
     tokens, confidence, logprob, entropy = sample_block(logits, params, generator, never=mask_id)
+    if params.policy == "random_static":  # LLaDA's remasking="random": which positions, uniformly at random
+        confidence = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64)
     return choose_reveals(masked, confidence, entropy, step, steps, initially_masked, params), tokens, logprob

@@ -82,6 +82,9 @@ def replay(decoder, completions: list[Completion], params: SamplingParams,
     []). `params`: the sampling parameters the completions were decoded with (their seeds are the completions')."""
     params.check()
     args = decoder.args
+    if args.diffusion.attention == "full":
+        raise ConfigError(f"replay: {args.architecture} is a masked diffusion model; the replay's two-stream rows "
+                          "are those of block diffusion")
     mask_id, vocab = args.diffusion.mask_token_id, args.vocab_size
     block = params.block_size or args.diffusion.block_size
     steps = params.steps or block

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from dare_mega.errors import ConfigError
 
-POLICIES = ("low_confidence_static", "low_confidence_dynamic", "entropy_bounded")
+POLICIES = ("low_confidence_static", "low_confidence_dynamic", "entropy_bounded", "random_static")
 
 
 @dataclass(frozen=True)

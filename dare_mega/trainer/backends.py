@@ -95,10 +95,12 @@ def megatron_rollout(runner, hf_dir: str):
 
 def sglang_rollout(cfg: RLConfig, hf_dir: str, env):
     """rollout.backend=sglang: running servers (sglang.urls); weights through the configured transport."""
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from dare_mega.data.tokenizer import load_tokenizer
     from dare_mega.models.builder import load_model_args
+    from dare_mega.rollout.replica import ReplicaEngine
     from dare_mega.rollout.sglang_client import SGLangClient
     from dare_mega.rollout.sglang_engine import SGLangEngine, SGLangServerConfig
     from dare_mega.weight_sync import transports
@@ -106,8 +108,17 @@ def sglang_rollout(cfg: RLConfig, hf_dir: str, env):
     s = cfg.sglang
     args = load_model_args(hf_dir, cfg.model.mask_token_id, cfg.model.block_size)
     server = SGLangServerConfig.for_model(hf_dir, args, tp=s.engine_tp, dllm_algorithm=s.dllm_algorithm)
-    engine = SGLangEngine.connect(s.urls, server, s.batch_size, load_tokenizer(hf_dir),
-                                  first=ps.get_data_parallel_rank())
+
+    def connect():
+        return SGLangEngine.connect(s.urls, server, s.batch_size, load_tokenizer(hf_dir),
+                                    first=ps.get_data_parallel_rank())
+
+    # a replica's first model-parallel rank talks to the servers, its other ranks get the same completions
+    group = ps.get_model_parallel_group()
+    if dist.get_world_size(group) > 1:
+        engine = ReplicaEngine.built_on_leader(connect, group, dist.get_global_rank(group, 0), shared=("algorithm",))
+    else:
+        engine = connect()
     clients = [SGLangClient(url) for url in s.urls]
     if s.transport == "colocated":
         if env.world_size != s.engine_tp * len(clients):

@@ -169,7 +169,8 @@ class RolloutSection:
     n: int = 4  # completions per prompt (a group)
     max_new_tokens: int = 8
     policy: str = field(default="low_confidence_dynamic",
-                        metadata=choices("low_confidence_static", "low_confidence_dynamic", "entropy_bounded"))
+                        metadata=choices("low_confidence_static", "low_confidence_dynamic", "entropy_bounded",
+                                         "random_static"))
     steps: int | None = None
     threshold: float = 0.9
     temperature: float = 1.0

@@ -83,6 +83,10 @@ def check_inputs(cfg: RLConfig) -> Inputs:
     hf_dir = ensure_model_dir(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args, layout = preflight(cfg, hf_dir, world)
+    if args.diffusion.attention == "full":
+        # the estimators' rows are block diffusion's (two streams, block masks); LLaDA's are not built yet
+        raise ConfigError(f"algorithm.estimator={cfg.algorithm.estimator}: {args.architecture} ({hf_dir}) is a masked "
+                          "diffusion model; the RL estimators do not build its rows (full attention) yet")
     check_plan(cfg, args, world, rl=True,
                prompt_tokens=longest_prompt(hf_dir, [r["prompt"] for r in train + heldout]))
     if cfg.algorithm.routing_replay == "rollout" and not args.moe:
@@ -206,11 +210,12 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
             raise ConfigError(f"algorithm.estimator={a.estimator}: the servers run {engine.algorithm}; the trainer "
                               f"replays trajectories of {PROJECT_ALGORITHM} only")
         replayer = MegatronEngine(runner)
-    if replay and not hasattr(engine, "routed_experts"):
+    routes = getattr(engine, "routes", hasattr(engine, "routed_experts"))  # the same answer on every rank
+    if replay and not routes:
         raise ConfigError(f"algorithm.routing_replay=rollout: the rollout engine ({type(engine).__name__}) cannot "
                           "report its expert choices; use routing_replay=off")
     routing_probe = None
-    if (a.log_router_mismatch or replay) and args.moe and hasattr(engine, "routed_experts"):
+    if (a.log_router_mismatch or replay) and args.moe and routes:
         def routing_probe(batch):
             return engine.routed_experts(batch.input_ids, batch.position_ids, batch.mask.dense())
     if transport is None:

@@ -2,8 +2,8 @@
 
 Spec: {"cases": [{"hf": dir, "layout": {...ParallelLayout fields}, "params": [SamplingParams fields, ...],
 "caches": [true, false] (the default: with and without the block KV cache)}], "prompts": [[ids], ...]}. Prompt i keeps seed 1000 + i; replica r decodes prompts r, r + dp, ... (uneven
-shares, so that replicas finish at different forwards). With the cache, the completions stripped to their tokens
-are also replayed on the same shards (rollout/replay.py: what the trainer does with SGLang's) and written as
+shares, so that replicas finish at different forwards). With the cache, the last parameters' completions stripped
+to their tokens are also replayed on the same shards (rollout/replay.py: what the trainer does with SGLang's) and written as
 "replayed".
 """
 
@@ -40,7 +40,7 @@ def main():
             completions = engine.generate([prompts[i] for i in mine], params, cache=cache)
             result = {"hf": case["hf"], "layout": case["layout"], "params": fields, "cache": cache,
                       "completions": gathered(mine, completions), "forwards": engine.stats["forwards"]}
-            if cache:
+            if cache and fields is case["params"][-1]:  # one replay per case: the sampled, stopping one
                 bare = [dataclasses.replace(c, logprobs=[], reveal_steps=[], generated_ids=[], generated_logprobs=[],
                                             generated_reveal_steps=[]) for c in completions]
                 replayed, stats = replay(engine, bare, params)

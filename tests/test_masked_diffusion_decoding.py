@@ -1,0 +1,118 @@
+"""Masked diffusion decoding (LLaDA's semi-autoregressive generate) in the native engine and on the Megatron
+backend, against a slow, direct transcription of the rule on the plain-PyTorch LLaDA reference: the canvas is
+the prompt and the new tokens' masks in whole blocks counted from the end of the prompt; each step one forward
+of the whole canvas with bidirectional attention; in the current block the masked positions are filled with
+their best token (the mask id excluded) and the quota of the step (mask count // steps, the remainder first)
+revealed, the most confident first (`low_confidence_static`, LLaDA's low_confidence) or at random with the
+block's own uniforms (`random_static`, LLaDA's random)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dare_mega.errors import ConfigError
+from dare_mega.rollout.engine import NativeEngine
+from dare_mega.rollout.policies import block_generator
+from dare_mega.rollout.types import SamplingParams
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [40]]
+
+
+@pytest.fixture(scope="module")
+def llada(tiny_dir):
+    from dare_mega.models.llada.reference import reference_model
+
+    return NativeEngine.from_pretrained(tiny_dir["llada"], tokenizer=False), reference_model(tiny_dir["llada"])
+
+
+def direct_generate(model, prompt, new_tokens, block, steps, mask_id, policy, seed):
+    """LLaDA's generate() at temperature 0, one request, stated plainly: (generated ids, reveal step of each)."""
+    p = len(prompt)
+    blocks = -(-new_tokens // block)
+    x = torch.tensor(prompt + [mask_id] * (blocks * block))
+    revealed_at = [-1] * (blocks * block)
+    n = x.numel()
+    for b in range(blocks):
+        s0, s1 = p + b * block, p + (b + 1) * block
+        generator = block_generator(seed, b)
+        masked_count = int((x[s0:s1] == mask_id).sum())
+        quotas = [masked_count // steps + (1 if i < masked_count % steps else 0) for i in range(steps)]
+        for i in range(steps):
+            with torch.no_grad():
+                logits = model(x[None], torch.arange(n)[None], torch.ones(1, 1, n, n, dtype=torch.bool)).logits[0]
+            logits = logits[s0:s1].float()
+            logits[:, mask_id] = float("-inf")  # the engine never reveals the mask token itself
+            x0 = logits.argmax(-1)
+            confidence = torch.softmax(logits, -1).gather(-1, x0[:, None])[:, 0].double()
+            torch.rand(block, generator=generator)  # the engine's fixed draw per step, greedy or not
+            if policy == "random_static":
+                confidence = torch.rand(block, generator=generator, dtype=torch.float64)
+            masked = x[s0:s1] == mask_id
+            count = int(masked.sum()) if i == steps - 1 else min(quotas[i], int(masked.sum()))
+            if count == 0:
+                continue
+            chosen = confidence.masked_fill(~masked, float("-inf")).topk(count).indices
+            x[s0 + chosen] = x0[chosen]
+            for k in chosen.tolist():
+                revealed_at[b * block + k] = i
+            if not (x[s0:s1] == mask_id).any():
+                break
+    return x[p:].tolist(), revealed_at
+
+
+@pytest.mark.parametrize("policy", ["low_confidence_static", "random_static"])
+@pytest.mark.parametrize("steps", [8, 3])
+def test_the_engine_decodes_as_llada_generate(llada, policy, steps):
+    engine, reference = llada
+    args = engine.args
+    params = SamplingParams(max_new_tokens=13, temperature=0.0, policy=policy, steps=steps, seeds=(1, 2, 3),
+                            stop_token_ids=())
+    completions = engine.generate(PROMPTS, params, cache=False)
+    for prompt, seed, c in zip(PROMPTS, (1, 2, 3), completions):
+        ids, steps_of = direct_generate(reference, prompt, 13, args.diffusion.block_size, steps,
+                                        args.diffusion.mask_token_id, policy, seed)
+        assert c.generated_ids == ids and c.generated_reveal_steps == steps_of
+        assert c.completion_ids == ids[:13] and len(ids) == 16  # two blocks of 8 after the prompt
+    assert completions[0].forwards == 2 * steps
+
+
+def test_the_megatron_backend_decodes_the_same(llada, tiny_dir, world1):
+    from dare_mega.models.builder import build_from_hf
+    from dare_mega.models.runner import Runner
+    from dare_mega.parallel import ParallelLayout
+    from dare_mega.rollout.megatron_engine import MegatronEngine
+
+    engine, _ = llada
+    chunks, args = build_from_hf(tiny_dir["llada"], ParallelLayout())
+    megatron = MegatronEngine(Runner(chunks, args))
+    for params in (SamplingParams(max_new_tokens=10, temperature=0.0, policy="low_confidence_static", steps=4,
+                                  seeds=(1, 2, 3), stop_token_ids=()),
+                   SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seeds=(4, 5, 6),
+                                  stop_token_ids=(60, 61, 62))):
+        ours, theirs = megatron.generate(PROMPTS, params, cache=False), engine.generate(PROMPTS, params, cache=False)
+        for a, b in zip(ours, theirs):
+            assert a.generated_ids == b.generated_ids and a.generated_reveal_steps == b.generated_reveal_steps
+            assert a.completion_ids == b.completion_ids and a.finish_reason == b.finish_reason
+            assert max(abs(x - y) for x, y in zip(a.generated_logprobs, b.generated_logprobs)) <= 1e-5
+
+
+def test_a_stop_inside_a_block_keeps_the_full_length_decode(llada):
+    """Stopping after the block that holds the stop token changes nothing before it: later blocks were still
+    masks when it was decoded, as in the full-length decode."""
+    engine, _ = llada
+    full = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=1.0, seeds=(7, 8, 9),
+                                                   stop_token_ids=()), cache=False)
+    stops = (full[1].generated_ids[9],)  # a token of the second block of request 1
+    cut = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=1.0, seeds=(7, 8, 9),
+                                                  stop_token_ids=stops), cache=False)
+    c = cut[1]
+    assert c.finish_reason == "stop" and c.completion_ids[-1] == stops[0]
+    assert c.completion_ids == full[1].generated_ids[: len(c.completion_ids)]
+    assert c.generated_ids == full[1].generated_ids[: len(c.generated_ids)] and len(c.generated_ids) % 8 == 0
+
+
+def test_the_cache_is_refused_for_masked_diffusion(llada):
+    engine, _ = llada
+    with pytest.raises(ConfigError, match="masked diffusion model .* no exact KV cache; decode with cache=False"):
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=4))
