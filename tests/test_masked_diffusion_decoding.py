@@ -116,3 +116,36 @@ def test_the_cache_is_refused_for_masked_diffusion(llada):
     engine, _ = llada
     with pytest.raises(ConfigError, match="masked diffusion model .* no exact KV cache; decode with cache=False"):
         engine.generate(PROMPTS, SamplingParams(max_new_tokens=4))
+
+
+def test_rl_and_the_replay_refuse_masked_diffusion_models_by_name(llada, tmp_path):
+    """The RL estimators build block-diffusion rows: on LLaDA they would be wrong, so the run is refused before
+    any process group exists; so is the replay of SGLang trajectories."""
+    from dare_mega.config import load_config
+    from dare_mega.rollout.replay import replay
+    from dare_mega.trainer.config import RLConfig
+    from dare_mega.trainer.rl_setup import check_inputs
+
+    cfg = load_config(RLConfig, None, ["model.preset=tiny-llada", f"run_dir={tmp_path}", "task.train_prompts=4",
+                                       "task.heldout=2"])
+    with pytest.raises(ConfigError, match="LLaDAModelLM .* is a masked diffusion model; the RL estimators"):
+        check_inputs(cfg)
+    engine, _ = llada
+    with pytest.raises(ConfigError, match="replay: LLaDAModelLM is a masked diffusion model"):
+        replay(engine, [], SamplingParams(temperature=0.0))
+
+
+def test_the_tokenizer_loads_without_the_checkpoints_own_code(tiny_dir):
+    """LLaDA's config.json names its modeling code (auto_map): loading the tokenizer must not ask to run it
+    (a prompt that waits for an answer nobody gives) nor run it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, clean_env
+
+    code = ("from dare_mega.data.tokenizer import load_tokenizer; "
+            f"t = load_tokenizer({tiny_dir['llada']!r}); print('mask', t.mask_token_id)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mask 261" in proc.stdout and "custom code" not in proc.stdout + proc.stderr

@@ -20,6 +20,7 @@ def load_tokenizer(directory: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return AutoTokenizer.from_pretrained(directory)
+            # never the checkpoint's own code (LLaDA's config.json names modeling files in auto_map)
+            return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     finally:
         logging.set_verbosity(verbosity)
