@@ -37,27 +37,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    import shutil
-
     from _results import device_name, write_result
-    from rollout import megatron_engine, model_config, patterns, train
+    from rollout import benchmark_model, megatron_engine, patterns
 
-    from dare_mega.checkpoint.tiny import make_tiny_checkpoint
     from dare_mega.rollout.replay import replay
     from dare_mega.rollout.types import SamplingParams
 
-    training = None
-    if args.model:
-        model_dir = args.model
-    else:
-        shutil.rmtree(args.workdir, ignore_errors=True)
-        os.makedirs(args.workdir)
-        model_dir = make_tiny_checkpoint(os.path.join(args.workdir, "random"), preset=model_config(), seed=0,
-                                         max_shard_bytes=1 << 30)
-        if args.train_steps:
-            trained = os.path.join(args.workdir, "trained")
-            training = train(model_dir, trained, args.train_steps)
-            model_dir = trained
+    model_dir, training = benchmark_model(args.workdir, args.train_steps, args.model)
     engine = megatron_engine(model_dir)
     prompts = patterns(args.batch, 16, torch.Generator().manual_seed(1234)).tolist()
     rows = []
@@ -85,7 +71,7 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
     result = {"benchmark": "replay", "device": device_name(torch.get_num_threads()), "date": time.strftime("%Y-%m-%d"),
               "model": "SDAR-MoE layout: 4 layers, hidden 256, 8 experts top-2, vocab 512 (Megatron, TP=1)",
-              "training": training or f"reused {model_dir}" if args.model or args.train_steps else "random weights",
+              "training": training or (f"reused {model_dir}" if args.model else "random weights"),
               "batch": args.batch, "new_tokens": args.new_tokens, "rows": rows}
     write_result("replay", result, args.out)
     return 0

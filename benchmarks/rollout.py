@@ -96,6 +96,25 @@ def train(hf_dir: str, out_dir: str, steps: int, seq_len: int = 64, batch: int =
     return {"steps": steps, "seconds": seconds, "first_loss": losses[0], "last_loss": sum(losses[-10:]) / 10}
 
 
+def benchmark_model(workdir: str, train_steps: int, model: str | None = None) -> tuple[str, dict | None]:
+    """(checkpoint dir, training figures): `model` as given, else a fresh random one in `workdir`, trained for
+    `train_steps` (none when 0)."""
+    import shutil
+
+    from dare_mega.checkpoint.tiny import make_tiny_checkpoint
+
+    if model:
+        return model, None
+    shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(workdir)
+    random_dir = make_tiny_checkpoint(os.path.join(workdir, "random"), preset=model_config(), seed=0,
+                                      max_shard_bytes=1 << 30)
+    if not train_steps:
+        return random_dir, None
+    trained_dir = os.path.join(workdir, "trained")
+    return trained_dir, train(random_dir, trained_dir, train_steps)
+
+
 def megatron_engine(model_dir: str):
     """The Megatron backend on `model_dir` at TP=1 (the process groups of `train`, or new ones)."""
     from megatron.core import parallel_state as ps
@@ -137,23 +156,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-megatron", action="store_true", help="skip the Megatron backend")
     args = p.parse_args(argv)
 
-    import shutil
-
-    from dare_mega.checkpoint.tiny import make_tiny_checkpoint
     from dare_mega.rollout.engine import NativeEngine
     from dare_mega.rollout.types import SamplingParams
 
-    training = None
-    if args.model:
-        model_dir = args.model
-    else:
-        shutil.rmtree(args.workdir, ignore_errors=True)
-        os.makedirs(args.workdir)
-        random_dir = make_tiny_checkpoint(os.path.join(args.workdir, "random"), preset=model_config(), seed=0,
-                                          max_shard_bytes=1 << 30)
-        trained_dir = os.path.join(args.workdir, "trained")
-        training = train(random_dir, trained_dir, args.train_steps) if args.train_steps else None
-        model_dir = trained_dir if args.train_steps else random_dir
+    model_dir, training = benchmark_model(args.workdir, args.train_steps, args.model)
     engine = NativeEngine.from_pretrained(model_dir, tokenizer=False)
     prompts = patterns(args.batch, 16, torch.Generator().manual_seed(1234)).tolist()
     rows = []

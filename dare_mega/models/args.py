@@ -90,6 +90,16 @@ class ModelArgs:
         return frozenset(out)
 
 
+def require_architecture(hf_config: dict, source: str, *known: str) -> str:
+    """config.json's first architecture, which must be one of `known` (the family's)."""
+    archs = hf_config.get("architectures") or []
+    if not archs:
+        raise ConfigError(f"{source}: required key 'architectures' is missing")
+    if archs[0] not in known:
+        raise ConfigError(f"{source}: architecture {archs[0]!r} is not {' or '.join(repr(k) for k in known)}")
+    return archs[0]
+
+
 def require(hf_config: dict, key: str, source: str, kind=int):
     """Read a required key of an HF config, naming the key and the file when it is absent or malformed."""
     if key not in hf_config or hf_config[key] is None:

@@ -19,6 +19,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(dtype)
 
 
+class RMSNorm(torch.nn.Module):
+    """`rms_norm` as a module with its `weight` (the plain-PyTorch references' norms, under HF names)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
 def rope_inverse_frequencies(rotary_dim: int, theta: float, device=None) -> torch.Tensor:
     return 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim)
 

@@ -12,7 +12,14 @@ block: training attends over each whole document.
 from __future__ import annotations
 
 from dare_mega.errors import ConfigError
-from dare_mega.models.args import DiffusionArgs, ModelArgs, read_eos_ids, read_mask_token, require
+from dare_mega.models.args import (
+    DiffusionArgs,
+    ModelArgs,
+    read_eos_ids,
+    read_mask_token,
+    require,
+    require_architecture,
+)
 
 ARCH = "LLaDAModelLM"
 MASK_TOKEN_ID = 126336  # <|mdm_mask|>
@@ -38,9 +45,7 @@ def _check_supported(cfg: dict, source: str) -> None:
 
 def args_from_hf(cfg: dict, source: str = "config.json", mask_token_id: int | None = None,
                  block_size: int | None = None) -> ModelArgs:
-    archs = cfg.get("architectures") or []
-    if not archs or archs[0] != ARCH:
-        raise ConfigError(f"{source}: architecture {archs[0] if archs else None!r} is not {ARCH!r}")
+    require_architecture(cfg, source, ARCH)
     _check_supported(cfg, source)
     hidden = require(cfg, "d_model", source)
     heads = require(cfg, "n_heads", source)

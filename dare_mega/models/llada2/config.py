@@ -17,6 +17,7 @@ from dare_mega.models.args import (
     read_eos_ids,
     read_mask_token,
     require,
+    require_architecture,
 )
 
 ARCH = "LLaDA2MoeModelLM"
@@ -44,9 +45,7 @@ def _check_supported(cfg: dict, source: str) -> None:
 
 def args_from_hf(cfg: dict, source: str = "config.json", mask_token_id: int | None = None,
                  block_size: int | None = None) -> ModelArgs:
-    archs = cfg.get("architectures") or []
-    if not archs or archs[0] != ARCH:
-        raise ConfigError(f"{source}: architecture {archs[0] if archs else None!r} is not {ARCH!r}")
+    require_architecture(cfg, source, ARCH)
     _check_supported(cfg, source)
     sizes = read_attention(cfg, source)
     num_layers, vocab, head_dim = sizes["num_layers"], sizes["vocab_size"], sizes["head_dim"]

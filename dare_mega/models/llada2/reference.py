@@ -21,17 +21,8 @@ from torch import nn
 
 from dare_mega.models import ops
 from dare_mega.models.builder import read_hf_config
+from dare_mega.models.ops import RMSNorm
 from dare_mega.storage.safetensors_io import CheckpointReader
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x):
-        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):
