@@ -28,7 +28,7 @@ class ModelFamily:
     default_block_size: int
     # the single-process HF reference: (checkpoint dir) -> module whose forward(input_ids, position_ids,
     # attention_mask=additive [b, 1, s, s]) returns an object with .logits; and (module, grads) -> tensors
-    # under the checkpoint's names
+    # under the checkpoint's names (None: the module's own parameter names are the checkpoint's)
     reference: Callable | None = None
     reference_named_tensors: Callable | None = None
     # the features its reference implements (FEATURES above)

@@ -35,4 +35,14 @@ def reference_logits(model, input_ids, position_ids, allowed) -> torch.Tensor:
 
 
 def reference_named_tensors(model, grads: bool = False) -> dict[str, torch.Tensor]:
-    return model.dare_family.reference_named_tensors(model, grads)
+    """Parameters (or their gradients) under the checkpoint's names: the family's own mapping of them, or, for
+    the plain-PyTorch references (their module names are the checkpoint's), the module's names."""
+    own = model.dare_family.reference_named_tensors
+    if own is not None:
+        return own(model, grads)
+    out = {}
+    for name, param in model.named_parameters():
+        value = param.grad if grads else param.detach()
+        if value is not None:
+            out[name] = value
+    return out

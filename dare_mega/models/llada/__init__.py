@@ -25,12 +25,6 @@ def _reference(directory):
     return reference_model(directory)
 
 
-def _reference_named_tensors(model, grads=False):
-    from dare_mega.models.llada.reference import named_tensors
-
-    return named_tensors(model, grads)
-
-
 LLADA = register(
     ModelFamily(
         name="llada",
@@ -40,7 +34,6 @@ LLADA = register(
         default_mask_token_id=config.MASK_TOKEN_ID,
         default_block_size=config.BLOCK_SIZE,
         reference=_reference,
-        reference_named_tensors=_reference_named_tensors,
         reference_features=frozenset({"full_attention", "tied_embeddings"}),
         sft_objective="masked_diffusion",
         tiny_presets=("tiny-llada",),

@@ -23,12 +23,6 @@ def _reference(directory):
     return reference_model(directory)
 
 
-def _reference_named_tensors(model, grads=False):
-    from dare_mega.models.llada2.reference import named_tensors
-
-    return named_tensors(model, grads)
-
-
 LLADA2 = register(
     ModelFamily(
         name="llada2",
@@ -38,7 +32,6 @@ LLADA2 = register(
         default_mask_token_id=config.MASK_TOKEN_ID,
         default_block_size=config.BLOCK_SIZE,
         reference=_reference,
-        reference_named_tensors=_reference_named_tensors,
         reference_features=frozenset({"qk_norm", "partial_rope", "full_attention", "router_sigmoid_grouped",
                                       "router_sigmoid", "expert_bias", "shared_expert"}),
         sft_objective="llada2_block",

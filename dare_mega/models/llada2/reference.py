@@ -176,12 +176,3 @@ def reference_model(directory: str, dtype: torch.dtype = torch.float32) -> LLaDA
     model.inv_freq = ops.rope_inverse_frequencies(rotary_dim, theta)  # built on meta above
     return model.eval()
 
-
-def named_tensors(model: LLaDA2Reference, grads: bool = False) -> dict[str, torch.Tensor]:
-    """Parameters (or their gradients) under the checkpoint's names (the module's own names)."""
-    out = {}
-    for name, param in model.named_parameters():
-        value = param.grad if grads else param.detach()
-        if value is not None:
-            out[name] = value
-    return out
