@@ -183,19 +183,12 @@ def dynamic_sampling(job, first: Rollout, scored: Scored) -> tuple[Rollout, Scor
 
 def replay(job, batch: Rollout) -> tuple[Rollout, dict]:
     """Each token's reveal step and log-prob, which SGLang's responses lack, from a replay of the decoding on the
-    trainer's shards (rollout/replay.py); every rank of a replica replays its first rank's completions together.
+    trainer's shards (rollout/replay.py); every rank of a replica replays the same completions together.
     A step whose tokens disagree with the replay's beyond sglang.replay_max_mismatch stops the run."""
-    from megatron.core import parallel_state as ps
-
     from dare_mega.rollout.replay import replay as replay_trajectories
     from dare_mega.trainer.metrics import reduce_sums
 
-    cfg, completions = job.cfg, batch.completions
-    group = ps.get_model_parallel_group()
-    if dist.get_world_size(group) > 1:
-        box = [completions]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-        completions = box[0]
+    cfg, completions = job.cfg, batch.completions  # the same on every rank of a replica (rollout/replica.py)
     params = sampling(cfg, [c.seed for c in completions])
     completions, stats = replay_trajectories(job.replayer, completions, params, cfg.sglang.replay_logits_mb * 1024**2)
     sums = reduce_sums({"checked": stats.checked, "mismatched": stats.mismatched,
