@@ -12,7 +12,7 @@ from conftest import run_json_worker, torchrun
 from dare_mega.errors import CheckpointError, ConfigError
 
 PUBLISHED_INDEX = {"sdar": "SDAR-4B-Chat", "sdar_moe": "SDAR-30B-A3B-Chat", "llada2_moe": "LLaDA2.0-mini",
-                   "llada": "LLaDA-8B-Instruct"}
+                   "llada": "LLaDA-8B-Instruct", "dream": "Dream-v0-Instruct-7B"}
 
 
 def name_patterns(names):
@@ -40,12 +40,14 @@ def test_round_trips_and_resharding(tiny_dir, bf16_llada2, tmp_path, reference_c
         {"name": "llada2-pp", "hf": tiny_dir["llada2_moe"], "save": {"pp": 2}, "load": [{"tp": 2, "ep": 2}]},
         {"name": "llada2-bf16", "hf": bf16_llada2, "save": {"ep": 4}, "load": [{"tp": 2}]},
         {"name": "llada", "hf": tiny_dir["llada"], "save": {"tp": 2}, "load": [{"pp": 2}]},
+        {"name": "dream", "hf": tiny_dir["dream"], "save": {"pp": 2}, "load": [{"tp": 2}]},
     ]
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"root": str(tmp_path), "cases": cases}))
     results = run_json_worker(4, ["tests/workers/convert_worker.py", str(spec)], tmp_path / "out.json")
     families = {"sdar": "sdar", "sdar-pp": "sdar", "sdar-moe": "sdar_moe", "sdar-moe-pp": "sdar_moe",
-                "llada2-moe": "llada2_moe", "llada2-pp": "llada2_moe", "llada2-bf16": "llada2_moe", "llada": "llada"}
+                "llada2-moe": "llada2_moe", "llada2-pp": "llada2_moe", "llada2-bf16": "llada2_moe", "llada": "llada",
+                "dream": "dream"}
     for r in results:
         assert r["names_equal"], f"{r['name']}: exported names differ from the source"
         assert r["bit_exact"], f"{r['name']} (saved at {r['saved_at']}): not bit-exact: {r['mismatched']}"

@@ -77,6 +77,22 @@ def test_the_engine_decodes_as_llada_generate(llada, policy, steps):
     assert completions[0].forwards == 2 * steps
 
 
+def test_dream_decodes_by_the_same_rule_on_its_shifted_logits(tiny_dir):
+    """Dream (transformers' Qwen2 + the shift as the reference): the engine's decode is the direct transcription's,
+    each position revealed from the logits of the position before it."""
+    from dare_mega.models.dream.reference import reference_model
+
+    engine = NativeEngine.from_pretrained(tiny_dir["dream"], tokenizer=False)
+    reference = reference_model(tiny_dir["dream"])
+    args = engine.args
+    params = SamplingParams(max_new_tokens=13, temperature=0.0, policy="low_confidence_static", steps=3,
+                            seeds=(1, 2, 3), stop_token_ids=())
+    for prompt, seed, c in zip(PROMPTS, (1, 2, 3), engine.generate(PROMPTS, params, cache=False)):
+        ids, steps_of = direct_generate(reference, prompt, 13, args.diffusion.block_size, 3,
+                                        args.diffusion.mask_token_id, "low_confidence_static", seed)
+        assert c.generated_ids == ids and c.generated_reveal_steps == steps_of
+
+
 def test_the_megatron_backend_decodes_the_same(llada, tiny_dir, world1):
     from dare_mega.models.builder import build_from_hf
     from dare_mega.models.runner import Runner

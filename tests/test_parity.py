@@ -1,4 +1,5 @@
-"""Megatron vs the families' references (transformers' Qwen3 / Qwen3-MoE; the plain-PyTorch LLaDA2 and LLaDA), at
+"""Megatron vs the families' references (transformers' Qwen3 / Qwen3-MoE / Qwen2 for Dream; the plain-PyTorch
+LLaDA2 and LLaDA), at
 every parallel layout (float32 on CPU).
 
 Each case loads the same tiny HF checkpoint at a layout, runs the same seeded batch through Megatron's
@@ -41,6 +42,7 @@ def test_parity_one_process(tiny_dir, tmp_path):
     check(run_worker(1, [
         case(dense), case(moe), case(moe, mask="block-causal"), case(dense, mask="causal"), case(llada2),
         case(llada, mask="full"),                            # masked diffusion: bidirectional per document
+        case(tiny_dir["dream"], mask="full"),                # Dream: q/k/v biases, logits shifted per document
         # FlexAttention (the GPU kernel's arithmetic, eager here; it has no CPU backward): same logits
         case(dense, attention="flex", grads=False), case(moe, attention="flex", micro_batch_size=2, grads=False),
     ], tmp_path))
@@ -59,6 +61,8 @@ def test_parity_two_processes(tiny_dir, tmp_path):
         case(llada2, pp=2),                                  # dense layer 0 and MoE layer 1 on stage 0
         case(llada, tp=2, mask="full"),                      # LLaDA at TP=2 with sequence parallelism
         case(llada, pp=2, vpp=2, mask="full"),               # and on the interleaved schedule
+        case(tiny_dir["dream"], tp=2, mask="full"),          # Dream's biases sharded with their query groups
+        case(tiny_dir["dream"], pp=2, vpp=2, mask="full"),   # the shift on the last stage only
     ], tmp_path))
 
 

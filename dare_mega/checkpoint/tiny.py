@@ -22,6 +22,8 @@ from dare_mega.storage.safetensors_io import LazyTensors, write_hf_checkpoint
 
 
 def _init_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    if name.endswith(".bias"):  # q / k / v biases: small, not zero, so that a mis-mapped one shows
+        return 0.1 * torch.randn(shape, generator=generator)
     if len(shape) == 1:  # norm weights: near 1, but not 1, so that a mis-mapped norm shows in the logits
         return 1.0 + 0.1 * torch.randn(shape, generator=generator)
     std = 0.2 if name.endswith("mlp.gate.weight") else 1.0 / math.sqrt(shape[-1])

@@ -28,8 +28,8 @@ from dare_mega.models.transformer_config import (
 from dare_mega.parallel.layout import ParallelLayout
 
 # what the Megatron model built here implements (models/family.py: FEATURES); the attention takes any mask
-MEGATRON_FEATURES = frozenset({"qk_norm", "partial_rope", "tied_embeddings", "full_attention", "router_softmax",
-                               "router_sigmoid", "router_sigmoid_grouped", "expert_bias", "shared_expert"})
+MEGATRON_FEATURES = frozenset({"qk_norm", "qkv_bias", "shifted_logits", "partial_rope", "tied_embeddings",
+                               "full_attention", "router_softmax", "router_sigmoid", "router_sigmoid_grouped", "expert_bias", "shared_expert"})
 
 
 def read_hf_config(path: str) -> tuple[dict, str]:
@@ -104,6 +104,7 @@ def build_model(args: ModelArgs, layout: ParallelLayout, options: RuntimeOptions
             rotary_percent=args.rotary_percent,
             rotary_base=int(args.rope_theta) if float(args.rope_theta).is_integer() else args.rope_theta,
             vp_stage=vp,
+            shifted_logits=args.diffusion is not None and args.diffusion.shifted_logits,
         )
         if torch.cuda.is_available() and not any(p.is_meta for p in model.parameters()):
             model.cuda(torch.cuda.current_device())  # a model built on meta (save_from_hf) only describes shards

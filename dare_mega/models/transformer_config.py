@@ -122,7 +122,7 @@ def transformer_config(args: ModelArgs, layout: ParallelLayout, options: Runtime
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=args.qkv_bias,
         qk_layernorm=args.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,

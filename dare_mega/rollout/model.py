@@ -29,8 +29,9 @@ from dare_mega.models.weight_mapping import LayoutContext, MappingTable
 
 class InferenceModel(torch.nn.Module):
     # what this forward implements (models/family.py: FEATURES); decoding is block by block
-    FEATURES = frozenset({"qk_norm", "partial_rope", "router_softmax", "router_sigmoid", "router_sigmoid_grouped",
-                          "expert_bias", "shared_expert", "full_attention"})
+    FEATURES = frozenset({"qk_norm", "qkv_bias", "shifted_logits", "partial_rope", "router_softmax",
+                          "router_sigmoid", "router_sigmoid_grouped", "expert_bias", "shared_expert",
+                          "full_attention"})
 
     def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.float32, device="cpu"):
         require_features(args, self.FEATURES, "the native rollout engine (rollout/model.py)")
@@ -90,7 +91,10 @@ class InferenceModel(torch.nn.Module):
         L = f"decoder.layers.{layer}"
         b, t, _ = x.shape
         groups, per_group, d = a.num_kv_heads, a.num_attention_heads // a.num_kv_heads, a.head_dim
-        qkv = (x @ self.w(f"{L}.self_attention.linear_qkv.weight").T).view(b, t, groups, (per_group + 2) * d)
+        qkv = x @ self.w(f"{L}.self_attention.linear_qkv.weight").T
+        if a.qkv_bias:
+            qkv = qkv + self.w(f"{L}.self_attention.linear_qkv.bias")
+        qkv = qkv.view(b, t, groups, (per_group + 2) * d)
         q, k, v = torch.split(qkv, [per_group * d, d, d], dim=-1)
         q = q.reshape(b, t, groups * per_group, d)
         if a.qk_norm:
@@ -152,8 +156,11 @@ class InferenceModel(torch.nn.Module):
 
         With `cached` (diffusion/kv_cache.py), every new token also sees its row's cached positions, and the
         tokens it marks write their keys and values. Returns float32 logits [B, T, vocab], or None when
-        `logits` is False."""
+        `logits` is False; for a shifted-prediction model (Dream) the logits of token i at position i."""
         a = self.args
+        shifted = a.diffusion is not None and a.diffusion.shifted_logits
+        if shifted and cached is not None:  # the first new token's logits would be a cached position's output
+            raise ValueError(f"{a.architecture}: shifted logits with a KV cache are not implemented")
         x = self.w("embedding.word_embeddings.weight")[tokens]
         for layer in range(a.num_layers):
             L = f"decoder.layers.{layer}"
@@ -167,4 +174,5 @@ class InferenceModel(torch.nn.Module):
         if not logits:
             return None
         x = self._rms(x, self.w("decoder.final_layernorm.weight"), a.norm_eps)
-        return (x @ self.w("output_layer.weight").T).float()
+        out = (x @ self.w("output_layer.weight").T).float()
+        return ops.shift_logits(out, positions) if shifted else out
