@@ -165,3 +165,97 @@ def test_the_tokenizer_loads_without_the_checkpoints_own_code(tiny_dir):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mask 261" in proc.stdout and "custom code" not in proc.stdout + proc.stderr
+
+
+# ---- Dream's diffusion_generate algorithms ------------------------------------------------------------------
+
+
+def direct_dream_generate(model, prompt, new_tokens, steps, mask_id, alg, alg_temp, seed, top_p=1.0, eps=1e-3):
+    """Dream's diffusion_generate at temperature 0 for one request, stated plainly (the whole generation is one
+    block): (generated ids, reveal step of each). The uniforms are the engine's (its block generator: one per
+    position for the token, then, for origin, one per position for the reveal); the mask id is never chosen."""
+    p = len(prompt)
+    x = torch.tensor(prompt + [mask_id] * new_tokens)
+    revealed_at = [-1] * new_tokens
+    generator = block_generator(seed, 0)
+    timesteps = torch.linspace(1, eps, steps + 1)
+    n = x.numel()
+    for i in range(steps):
+        masked = x[p:] == mask_id
+        if not masked.any():
+            break  # Dream runs its remaining steps with nothing left to reveal
+        with torch.no_grad():
+            logits = model(x[None], torch.arange(n)[None], torch.ones(1, 1, n, n, dtype=torch.bool)).logits[0, p:]
+        logits = logits.float().clone()
+        logits[:, mask_id] = float("-inf")
+        if top_p < 1:  # Dream's top_p_logits: drop what lies past the token that crosses top_p
+            order = logits.argsort(dim=-1, descending=True)
+            sorted_probs = torch.softmax(logits.gather(-1, order), dim=-1)
+            before = sorted_probs.cumsum(-1) - sorted_probs
+            logits = logits.scatter(-1, order, logits.gather(-1, order).masked_fill(before > top_p, float("-inf")))
+        probs = torch.softmax(logits, dim=-1)
+        torch.rand(new_tokens, generator=generator)
+        confidence, x0 = probs.max(dim=-1)
+        if alg == "topk_margin":
+            top = probs.sort(dim=-1, descending=True).values
+            confidence = top[:, 0] - top[:, 1]
+        elif alg == "entropy":
+            confidence = (probs * torch.log(probs + 1e-10)).sum(-1)
+        t, s = timesteps[i], timesteps[i + 1]
+        if alg == "origin":
+            p_transfer = 1 - s / t if i < steps - 1 else 1
+            chosen = torch.nonzero(masked & (torch.rand(new_tokens, generator=generator) < p_transfer))[:, 0]
+        else:
+            count = int(masked.sum() / 1 * (1 - s / t)) if i < steps - 1 else int(masked.sum())
+            full = torch.full((new_tokens,), float("-inf"))
+            full[masked] = confidence[masked]
+            if count == 0:
+                continue
+            if alg_temp:
+                chosen = torch.multinomial(torch.softmax(full / alg_temp, dim=-1), count, generator=generator)
+            else:
+                chosen = full.topk(count).indices
+        for k in chosen.tolist():
+            x[p + k] = x0[k]
+            revealed_at[k] = i
+    return x[p:].tolist(), revealed_at
+
+
+@pytest.fixture(scope="module")
+def dream(tiny_dir):
+    from dare_mega.models.dream.reference import reference_model
+
+    return NativeEngine.from_pretrained(tiny_dir["dream"], tokenizer=False), reference_model(tiny_dir["dream"])
+
+
+@pytest.mark.parametrize("alg,alg_temp,steps,top_p", [
+    ("maskgit_plus", 0.0, 12, 1.0), ("topk_margin", 0.0, 5, 1.0), ("entropy", 0.0, 12, 0.02),
+    ("entropy", 0.5, 5, 1.0), ("origin", 0.0, 5, 1.0)])
+def test_each_dream_algorithm_decodes_as_dream_generate(dream, alg, alg_temp, steps, top_p):
+    """Dream (block = the whole generation, as its generate): tokens and reveal steps as the direct
+    transcription, on its shifted logits; the filters change the confidence at temperature 0 too."""
+    engine, reference = dream
+    args = engine.args
+    params = SamplingParams(max_new_tokens=12, block_size=12, temperature=0.0, top_p=top_p, policy=alg,
+                            alg_temp=alg_temp, steps=steps, seeds=(1, 2, 3), stop_token_ids=())
+    completions = engine.generate(PROMPTS, params, cache=False)
+    for prompt, seed, c in zip(PROMPTS, (1, 2, 3), completions):
+        ids, steps_of = direct_dream_generate(reference, prompt, 12, steps, args.diffusion.mask_token_id, alg,
+                                              alg_temp, seed, top_p=top_p)
+        assert c.generated_ids == ids and c.generated_reveal_steps == steps_of, (alg, prompt)
+    # Dream's schedule reveals int(n * (1 - s / t)) at each step: 12 masks over 12 steps reveal 0 at the first
+    # step (12 * 0.999 / 12 truncates to 0) and everything left at the last
+    if alg == "maskgit_plus":
+        assert all(-1 not in c.generated_reveal_steps and 0 not in c.generated_reveal_steps for c in completions)
+        assert all(c.generated_reveal_steps.count(steps - 1) >= 1 for c in completions)
+
+
+def test_dream_transfer_counts_follow_the_timestep_schedule():
+    """1 - s / t on linspace(1, eps, steps + 1), against the closed form (t_i = 1 - i (1 - eps) / steps)."""
+    from dare_mega.rollout.policies import dream_transfer_fraction
+
+    for steps in (1, 4, 7, 64):
+        for i in range(steps):
+            t, s = 1 - i * (1 - 1e-3) / steps, 1 - (i + 1) * (1 - 1e-3) / steps
+            assert abs(float(dream_transfer_fraction(i, steps, 1e-3)) - (1 - s / t)) < 1e-6
+    assert int(8 * dream_transfer_fraction(0, 4, 1e-3)) == 1  # 8 * 0.24975 = 1.998: Dream truncates

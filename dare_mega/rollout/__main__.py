@@ -35,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps per block (default: block size)")
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--entropy-bound", type=float, default=0.35)
+    p.add_argument("--alg-temp", type=float, default=0.0, help="Dream's policies: temperature of the position choice")
+    p.add_argument("--eps", type=float, default=1e-3, help="Dream's policies: the schedule's last timestep")
     p.add_argument("--block-size", type=int, default=None, help="default: the family's")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
         params = SamplingParams(
             max_new_tokens=args.max_new_tokens, policy=args.policy, steps=args.steps, threshold=args.threshold,
             entropy_bound=args.entropy_bound, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            seed=args.seed, block_size=args.block_size, stop=tuple(args.stop),
+            alg_temp=args.alg_temp, eps=args.eps, seed=args.seed, block_size=args.block_size, stop=tuple(args.stop),
         )
         params.check()
         if args.backend == "megatron":

@@ -14,7 +14,7 @@ import hashlib
 
 import torch
 
-from dare_mega.rollout.types import SamplingParams
+from dare_mega.rollout.types import DREAM_POLICIES, SamplingParams
 
 
 def block_generator(seed: int | None, block_index: int) -> torch.Generator | None:
@@ -53,21 +53,33 @@ def sample_block(logits: torch.Tensor, params: SamplingParams, generator: torch.
         if generator is not None:  # keep the draw count fixed per step, greedy or not
             torch.rand(logits.shape[0], generator=generator)
         return tokens, confidence, log_probs.gather(-1, tokens[:, None])[:, 0], entropy
-    filtered = scaled
-    if params.top_k:
-        kth = filtered.topk(min(params.top_k, filtered.shape[-1]), dim=-1).values[:, -1:]
-        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = filtered.sort(dim=-1, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) > params.top_p  # keep the token crossing top_p
-        filtered = filtered.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(filtered, dim=-1)
-    draws = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64).to(probs.device)
-    cdf = probs.double().cumsum(-1)
-    tokens = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)[:, 0]
+    probs = torch.softmax(_top_p(_top_k(scaled, params.top_k), params.top_p), dim=-1)
+    tokens = _draw(probs, generator)
     confidence = probs.gather(-1, tokens[:, None])[:, 0]
     return tokens, confidence, log_probs.gather(-1, tokens[:, None])[:, 0], entropy
+
+
+def _top_k(scaled: torch.Tensor, top_k: int) -> torch.Tensor:
+    if not top_k:
+        return scaled
+    kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+    return scaled.masked_fill(scaled < kth, float("-inf"))
+
+
+def _top_p(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return scaled
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    drop = cumulative - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the token crossing top_p
+    return scaled.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row by inverse CDF from one uniform per row."""
+    draws = torch.rand(probs.shape[0], generator=generator, dtype=torch.float64).to(probs.device)
+    cdf = probs.double().cumsum(-1)
+    return torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)[:, 0]
 
 
 def choose_reveals(masked: torch.Tensor, confidence: torch.Tensor, entropy: torch.Tensor, step: int,
@@ -111,7 +123,73 @@ def denoise_step(logits: torch.Tensor, block_tokens: torch.Tensor, mask_id: int,
     masked = block_tokens == mask_id
     if prompt is not None:
         masked = masked & ~prompt
+    if params.policy in DREAM_POLICIES:
+        return dream_step(logits, masked, mask_id, generator, step, steps, params)
     tokens, confidence, logprob, entropy = sample_block(logits, params, generator, never=mask_id)
     if params.policy == "random_static":  # LLaDA's remasking="random": which positions, uniformly at random
         confidence = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64)
     return choose_reveals(masked, confidence, entropy, step, steps, initially_masked, params), tokens, logprob
+
+
+# ---- Dream's diffusion_generate algorithms ----------------------------------------------------------------
+
+
+def dream_sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                 never: int | None = None):
+    """Dream's sample_tokens: (tokens [T], confidence [T], logprob [T]). Temperature, then top-p, then top-k
+    (Dream's order; the filters apply at temperature 0 too), then the token: drawn at T > 0, the most likely at
+    T = 0 (one uniform per position drawn either way). Confidence: the token's probability (maskgit_plus,
+    origin), the top-1 minus top-2 probability (topk_margin) or sum p log p, the negative entropy (entropy),
+    all under the filtered distribution."""
+    scaled = logits / params.temperature if params.temperature > 0 else logits.clone()
+    if never is not None:
+        scaled[:, never] = float("-inf")
+    probs = torch.softmax(_top_k(_top_p(scaled, params.top_p), params.top_k), dim=-1)
+    if params.temperature > 0:
+        tokens = _draw(probs, generator)
+        confidence = probs.gather(-1, tokens[:, None])[:, 0]
+    else:
+        torch.rand(logits.shape[0], generator=generator)  # the draw count stays fixed per step
+        confidence, tokens = probs.max(dim=-1)
+    if params.policy == "topk_margin":
+        top2 = probs.topk(2, dim=-1).values
+        confidence = top2[:, 0] - top2[:, 1]
+    elif params.policy == "entropy":
+        confidence = (probs * torch.log(probs + 1e-10)).sum(-1)
+    logprob = likelihood_log_probs(logits, params).gather(-1, tokens[:, None])[:, 0]
+    return tokens, confidence, logprob
+
+
+def dream_transfer_fraction(step: int, steps: int, eps: float) -> torch.Tensor:
+    """1 - s / t on Dream's schedule (timesteps = linspace(1, eps, steps + 1) in float32, t = timesteps[step],
+    s = timesteps[step + 1]): the expected fraction of the masked tokens revealed at this step."""
+    timesteps = torch.linspace(1, eps, steps + 1)
+    return 1 - timesteps[step + 1] / timesteps[step]
+
+
+def dream_step(logits: torch.Tensor, masked: torch.Tensor, mask_id: int, generator: torch.Generator | None,
+               step: int, steps: int, params: SamplingParams):
+    """One step of Dream's generate on one block: (reveal bool [T], tokens [T], logprob [T]). The last step
+    reveals every masked position. `origin`: each masked position independently with probability 1 - s / t
+    (one uniform per position, drawn after the tokens'). The others: int(n_masked * (1 - s / t)) positions (in
+    float32, as Dream counts), the most confident, or, with alg_temp > 0, drawn without replacement from
+    softmax(confidence / alg_temp) over the masked positions."""
+    tokens, confidence, logprob = dream_sample(logits, params, generator, never=mask_id)
+    last = step >= steps - 1
+    if params.policy == "origin":
+        draws = torch.rand(logits.shape[0], generator=generator).to(masked.device)
+        reveal = masked.clone() if last else masked & (draws < dream_transfer_fraction(step, steps, params.eps))
+        return reveal, tokens, logprob
+    remaining = int(masked.sum())
+    count = remaining if last else int(torch.tensor(float(remaining)) * dream_transfer_fraction(step, steps,
+                                                                                                 params.eps))
+    reveal = torch.zeros_like(masked)
+    if count == 0:
+        return reveal, tokens, logprob
+    scores = confidence.masked_fill(~masked, float("-inf"))
+    if params.alg_temp > 0:
+        chosen = torch.multinomial(torch.softmax(scores / params.alg_temp, dim=-1), count, generator=generator)
+    else:
+        chosen = scores.topk(count).indices
+    reveal[chosen] = True
+    return reveal, tokens, logprob

@@ -35,7 +35,8 @@ from dare_mega.rollout.policies import block_generator, denoise_step
 from dare_mega.rollout.types import POLICIES, SamplingParams
 
 CLAIM = "dare_mega"  # the custom_params key of a request's claims about the server's configuration
-UNMASKING = ("policy", "threshold", "steps", "entropy_bound")  # per-request settings a claim may carry
+# per-request settings a claim may carry
+UNMASKING = ("policy", "threshold", "steps", "entropy_bound", "eps", "alg_temp")
 REQUESTS_KEPT = 16384  # requests whose settings are remembered (far more than a server runs at once)
 
 
@@ -48,12 +49,10 @@ def request_seed(rid: str) -> int:
 
 
 def unmasking(given: dict, defaults: dict, where: str) -> dict:
-    """policy / threshold / steps / entropy_bound from `given`, else `defaults`; a bad value raises ValueError
-    naming `where` and the value."""
-    out = {"policy": given.get("policy", defaults["policy"]),
-           "threshold": float(given.get("threshold", defaults["threshold"])),
-           "entropy_bound": float(given.get("entropy_bound", defaults["entropy_bound"])),
-           "steps": given.get("steps", defaults["steps"])}
+    """policy / threshold / steps / entropy_bound / eps / alg_temp from `given`, else `defaults`; a bad value
+    raises ValueError naming `where` and the value."""
+    out = {"policy": given.get("policy", defaults["policy"]), "steps": given.get("steps", defaults["steps"]),
+           **{key: float(given.get(key, defaults[key])) for key in ("threshold", "entropy_bound", "eps", "alg_temp")}}
     if out["policy"] not in POLICIES:
         raise ValueError(f"DareMegaDecoding ({where}): policy={out['policy']!r}; expected one of {', '.join(POLICIES)}")
     if out["steps"] is not None:
@@ -73,7 +72,8 @@ def settings(algorithm_config: dict, mask_id: int) -> dict:
     if unknown:
         raise ValueError(f"DareMegaDecoding: unknown --dllm-algorithm-config keys {unknown}; known: {sorted(known)}")
     d = SamplingParams()
-    defaults = {"policy": d.policy, "threshold": d.threshold, "entropy_bound": d.entropy_bound, "steps": None}
+    defaults = {"policy": d.policy, "threshold": d.threshold, "entropy_bound": d.entropy_bound, "steps": None,
+                "eps": d.eps, "alg_temp": d.alg_temp}
     return {"mask_id": int(algorithm_config.get("mask_id", mask_id)),
             **unmasking(algorithm_config, defaults, "--dllm-algorithm-config")}
 
@@ -107,7 +107,7 @@ class DareMegaDecoding(DllmAlgorithm):
         given = {k: claim[k] for k in UNMASKING if k in claim}
         try:
             unmasking(given, {"policy": "low_confidence_dynamic", "threshold": 0.0, "entropy_bound": 1.0,
-                              "steps": None}, f"custom_params.{CLAIM}")
+                              "steps": None, "eps": 1e-3, "alg_temp": 0.0}, f"custom_params.{CLAIM}")
         except ValueError as e:
             return str(e)
         if req.sampling_params.min_p or req.sampling_params.repetition_penalty != 1.0:

@@ -150,11 +150,12 @@ def check_server(client: SGLangClient, config: SGLangServerConfig) -> str:
 
 def claims(config: SGLangServerConfig, params: SamplingParams | None = None) -> dict:
     """custom_params of every request to a DareMegaDecoding server: what the trainer's model is (checked by the
-    server) and how to unmask (`params`' policy, threshold, steps and entropy bound: used by the server)."""
+    server) and how to unmask (`params`' policy, threshold, steps, entropy bound, eps and alg_temp: used by the
+    server)."""
     claim = {"block_size": config.block_size, "mask_id": config.mask_id}
     if params is not None:
         claim.update(policy=params.policy, threshold=params.threshold, steps=params.steps,
-                     entropy_bound=params.entropy_bound)
+                     entropy_bound=params.entropy_bound, eps=params.eps, alg_temp=params.alg_temp)
     return {"dare_mega": claim}
 
 

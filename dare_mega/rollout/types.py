@@ -6,7 +6,10 @@ from dataclasses import asdict, dataclass, field
 
 from dare_mega.errors import ConfigError
 
-POLICIES = ("low_confidence_static", "low_confidence_dynamic", "entropy_bounded", "random_static")
+POLICIES = ("low_confidence_static", "low_confidence_dynamic", "entropy_bounded", "random_static",
+            # Dream's diffusion_generate algorithms (its `alg`), on its timestep schedule
+            "origin", "maskgit_plus", "topk_margin", "entropy")
+DREAM_POLICIES = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer)
     # the recorded log-probs divide the logits by this (default: the sampling temperature; 1 when greedy)
     logprob_temperature: float | None = None
+    # Dream's policies: the schedule's last timestep (timesteps linspace(1, eps, steps + 1)) and the temperature
+    # of the choice of positions (0: the most confident; > 0: drawn from softmax(confidence / alg_temp))
+    eps: float = 1e-3
+    alg_temp: float = 0.0
 
     def check(self) -> None:
         if self.policy not in POLICIES:
@@ -50,6 +57,10 @@ class SamplingParams:
             raise ConfigError(f"sampling: top_k={self.top_k} must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"sampling: top_p={self.top_p} must be within (0, 1]")
+        if not 0.0 < self.eps < 1.0:
+            raise ConfigError(f"sampling: eps={self.eps} must be within (0, 1)")
+        if self.alg_temp < 0:
+            raise ConfigError(f"sampling: alg_temp={self.alg_temp} must be >= 0")
 
 
 @dataclass

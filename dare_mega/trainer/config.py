@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from dare_mega.config import choices
 from dare_mega.errors import ConfigError
 from dare_mega.rewards.types import RewardSettings
+from dare_mega.rollout.types import POLICIES
 
 LOSSES = ("auto", "sdar_block", "llada2_block", "masked_diffusion")
 
@@ -168,11 +169,13 @@ class RolloutSection:
     prompts_per_step: int = 8
     n: int = 4  # completions per prompt (a group)
     max_new_tokens: int = 8
-    policy: str = field(default="low_confidence_dynamic",
-                        metadata=choices("low_confidence_static", "low_confidence_dynamic", "entropy_bounded",
-                                         "random_static"))
+    policy: str = field(default="low_confidence_dynamic", metadata=choices(*POLICIES))
     steps: int | None = None
     threshold: float = 0.9
+    # Dream's policies (origin, maskgit_plus, topk_margin, entropy): the temperature of the choice of positions
+    # and the end of the timestep schedule
+    alg_temp: float = 0.0
+    eps: float = 1e-3
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0

@@ -45,7 +45,8 @@ def sampling(cfg: RLConfig, seeds, greedy: bool = False, max_new_tokens: int | N
     r = cfg.rollout
     return SamplingParams(max_new_tokens=max_new_tokens or r.max_new_tokens, policy=r.policy, steps=r.steps,
                           threshold=r.threshold, temperature=0.0 if greedy else r.temperature, top_k=r.top_k,
-                          top_p=r.top_p, seeds=tuple(seeds), logprob_temperature=likelihood_temperature(cfg))
+                          top_p=r.top_p, alg_temp=r.alg_temp, eps=r.eps, seeds=tuple(seeds),
+                          logprob_temperature=likelihood_temperature(cfg))
 
 
 def bench_sampling(cfg: RLConfig):
