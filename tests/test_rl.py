@@ -51,9 +51,10 @@ def test_default_example_improves_heldout_accuracy(example_run):
 
 @pytest.mark.distributed
 def test_llada2_example_runs_the_same_pipeline(tmp_path):
-    """examples/rl_llada2_mini.sh: the same pipeline on the tiny LLaDA2-MoE (shortened here; the sigmoid router's
+    """examples/rl_llada2_mini.sh: the same pipeline on the tiny LLaDA2-MoE (shortened here: no SFT warm-up, which
+    test_default_example runs, and two RL steps; the sigmoid router's
     expert bias stays frozen during RL and the engine routes as the trainer does)."""
-    env = clean_env(RUN_DIR=str(tmp_path), MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2", SFT_STEPS="4",
+    env = clean_env(RUN_DIR=str(tmp_path), MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2", SFT_STEPS="0",
                     RL_STEPS="2")
     proc = subprocess.run(["bash", "examples/rl_llada2_mini.sh", "task.heldout=4", "eval.samples=1"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=900)
