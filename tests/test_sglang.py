@@ -282,6 +282,7 @@ def test_rl_loop_on_sglang_servers(tmp_path):
         assert sum(len(b["input_ids"]) for b in decoding) == 2 * 4 + 2 * 4
         claims = [b["sampling_params"]["custom_params"]["dare_mega"] for b in decoding]
         assert claims and all(c == {"block_size": 4, "mask_id": 259, "policy": "low_confidence_dynamic",
-                                    "threshold": 0.6, "steps": None, "entropy_bound": 0.35} for c in claims)
+                                    "threshold": 0.6, "steps": None, "entropy_bound": 0.35, "eps": 1e-3,
+                                    "alg_temp": 0.0} for c in claims)
     finally:
         servers.stop()
