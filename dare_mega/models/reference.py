@@ -17,6 +17,17 @@ def reference_model(directory: str):
     return model
 
 
+def from_pretrained_checked(cls, directory: str, config, dtype: torch.dtype, attn_implementation: str = "eager"):
+    """A transformers reference class loaded from `directory` with `config`, refused unless every tensor
+    loaded (nothing missing, unexpected or mis-shaped)."""
+    config._attn_implementation = attn_implementation
+    model, info = cls.from_pretrained(directory, config=config, dtype=dtype, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise ValueError(f"{directory}: the transformers reference did not load cleanly: {problems}")
+    return model.eval()
+
+
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean [b, 1, s, s] (True = may attend) -> additive (0 / dtype minimum), as HF models take it."""
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed.bool(), torch.finfo(dtype).min)

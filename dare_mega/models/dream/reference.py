@@ -18,6 +18,8 @@ from dare_mega.models.builder import read_hf_config
 def reference_model(directory: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from dare_mega.models.reference import from_pretrained_checked
+
     class DreamReference(Qwen2ForCausalLM):
         def forward(self, input_ids=None, position_ids=None, attention_mask=None, **kwargs):
             out = super().forward(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
@@ -29,10 +31,4 @@ def reference_model(directory: str, dtype: torch.dtype = torch.float32, attn_imp
     cfg, source = read_hf_config(directory)
     keep = {k: v for k, v in cfg.items()
             if not k.startswith("_") and k not in ("architectures", "model_type", "auto_map", "attn_implementation")}
-    config = Qwen2Config(**keep)
-    config._attn_implementation = attn_implementation
-    model, info = DreamReference.from_pretrained(directory, config=config, dtype=dtype, output_loading_info=True)
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if problems:
-        raise ValueError(f"{directory}: the transformers reference did not load cleanly: {problems}")
-    return model.eval()
+    return from_pretrained_checked(DreamReference, directory, Qwen2Config(**keep), dtype, attn_implementation)

@@ -25,13 +25,10 @@ def hf_reference_model(directory: str, dtype: torch.dtype = torch.float32, attn_
         config, cls = Qwen3MoeConfig(**keep), Qwen3MoeForCausalLM
     else:
         raise ValueError(f"{source}: {arch!r} is not an SDAR architecture")
-    config._attn_implementation = attn_implementation
+    from dare_mega.models.reference import from_pretrained_checked
+
     # from_pretrained applies transformers' own conversion of per-expert tensors into its fused layout
-    model, info = cls.from_pretrained(directory, config=config, dtype=dtype, output_loading_info=True)
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if problems:
-        raise ValueError(f"{directory}: the transformers reference did not load cleanly: {problems}")
-    return model.eval()
+    return from_pretrained_checked(cls, directory, config, dtype, attn_implementation)
 
 
 def hf_named_tensors(model, grads: bool = False) -> dict[str, torch.Tensor]:
