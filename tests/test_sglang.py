@@ -67,8 +67,10 @@ def test_wire_format_reductions_and_defaults_are_sglangs(tmp_path):
     assert got["uuid_reduction"] == {"wire_device": "GPU-cccc", "receiver_device": 0, "other_args_kept": True}
     for arch, pair in got["dllm_defaults"].items():
         assert pair["sglang"] == pair["registry"], arch
-    assert set(got["dllm_defaults"]) == {"SDARForCausalLM", "SDARMoeForCausalLM", "LLaDA2MoeModelLM", "LLaDAModelLM"}
-    assert got["dllm_defaults"]["LLaDAModelLM"]["sglang"] is None  # not an SGLang dLLM: refused as such
+    assert set(got["dllm_defaults"]) == {"SDARForCausalLM", "SDARMoeForCausalLM", "LLaDA2MoeModelLM", "LLaDAModelLM",
+                                         "DreamModel"}
+    for arch in ("LLaDAModelLM", "DreamModel"):  # not SGLang dLLMs: refused as such
+        assert got["dllm_defaults"][arch]["sglang"] is None, arch
     launch = got["launch_command"]
     assert launch["launcher"] == ["-m", "dare_mega.rollout.sglang_server"] and launch["model_path"]
     assert (launch["tp_size"], launch["port"], launch["max_running_requests"]) == (2, 30123, 64)
