@@ -103,6 +103,25 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def example_run(tmp_path_factory):
+    """`bash examples/rl_sdar_moe.sh` with no variables but RUN_DIR: SFT warm-up then RL on the tiny SDAR-MoE, run
+    once per session. Its SFT checkpoint (run_dir/sft/checkpoints/step_*) is the warm model of the RL and Ray
+    tests, which need non-zero rewards and gradients."""
+    run_dir = tmp_path_factory.mktemp("example")
+    env = clean_env(RUN_DIR=str(run_dir), MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2")
+    proc = subprocess.run(["bash", "examples/rl_sdar_moe.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return run_dir, proc.stdout
+
+
+def warm_checkpoint(example) -> str:
+    """The SFT checkpoint the default example trained before its RL."""
+    run_dir, _ = example
+    return str(sorted((run_dir / "sft" / "checkpoints").glob("step_*"))[-1])
+
+
+@pytest.fixture(scope="session")
 def world1():
     """torch.distributed and Megatron's groups for one process (TP=PP=EP=1), shared by in-process tests."""
     from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel

@@ -8,24 +8,16 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, clean_env, torchrun
+from conftest import REPO, clean_env, torchrun, warm_checkpoint
 
 COMMON = ["task.heldout=4", "eval.samples=1", "train.steps=2", "rollout.prompts_per_step=4", "rollout.n=4",
           "checkpoint.every=1000", "logging.progress=false", "optim.lr=0.05"]
 
 
 @pytest.fixture(scope="module")
-def warm_model(tmp_path_factory):
-    """A tiny SDAR-MoE fine-tuned for a few SFT steps, so that RL steps see non-zero rewards and gradients."""
-    from conftest import free_port
-
-    run = tmp_path_factory.mktemp("sft")
-    proc = torchrun(1, ["-m", "dare_mega.trainer.sft", "--config", "configs/recipes/sft_tiny_sdar_moe.yaml",
-                        f"run_dir={run}", "data.task=max", "data.synthetic_samples=256", "train.steps=15",
-                        "checkpoint.every=15", "logging.progress=false"], timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    del free_port
-    return str(sorted((run / "checkpoints").glob("step_*"))[-1])
+def warm_model(example_run):
+    """The default example's SFT-warmed tiny SDAR-MoE, so that RL steps see non-zero rewards and gradients."""
+    return warm_checkpoint(example_run)
 
 
 def records(run_dir) -> list[dict]:

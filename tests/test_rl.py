@@ -7,23 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, clean_env, free_port, torchrun
+from conftest import REPO, clean_env, free_port, torchrun, warm_checkpoint
 
 from dare_mega.rewards import score
 from dare_mega.rewards.verifiers import REWARDS
 
 RL_RECIPE = "configs/recipes/rl_tiny_sdar_moe.yaml"
-
-
-@pytest.fixture(scope="module")
-def example_run(tmp_path_factory):
-    """`bash examples/rl_sdar_moe.sh` with no variables but RUN_DIR: SFT warm-up then RL on the tiny SDAR-MoE."""
-    run_dir = tmp_path_factory.mktemp("example")
-    env = clean_env(RUN_DIR=str(run_dir), MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2")
-    proc = subprocess.run(["bash", "examples/rl_sdar_moe.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return run_dir, proc.stdout
 
 
 @pytest.mark.distributed
@@ -88,8 +77,7 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
 
     from dare_mega.checkpoint.torch_dist import TorchDistReader
 
-    example_dir, _ = example_run
-    init = sorted((example_dir / "sft" / "checkpoints").glob("step_*"))[-1]
+    init = warm_checkpoint(example_run)
     common = [f"model.init={init}", "train.steps=1", "rollout.prompts_per_step=4", "rollout.n=4",
               "task.heldout=4", "eval.samples=1", "optim.lr=0.5", "optim.eps=1.0", "checkpoint.every=1",
               "train.micro_batch_size=1", "train.pack_tokens=64",
