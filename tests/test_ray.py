@@ -14,19 +14,14 @@ COMMON = ["task.heldout=4", "eval.samples=1", "train.steps=2", "rollout.prompts_
           "checkpoint.every=1000", "logging.progress=false", "optim.lr=0.05"]
 
 
-@pytest.fixture(scope="module")
-def warm_model(example_run):
-    """The default example's SFT-warmed tiny SDAR-MoE, so that RL steps see non-zero rewards and gradients."""
-    return warm_checkpoint(example_run)
-
-
 def records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.distributed
-def test_ray_layouts_run_rl_steps_like_torchrun(warm_model, tmp_path):
-    overrides = [f"model.init={warm_model}", *COMMON]
+def test_ray_layouts_run_rl_steps_like_torchrun(example_run, tmp_path):
+    # the default example's SFT-warmed model, so that RL steps see non-zero rewards and gradients
+    overrides = [f"model.init={warm_checkpoint(example_run)}", *COMMON]
     proc = torchrun(2, ["-m", "dare_mega.trainer.rl", "--config", "configs/recipes/rl_tiny_sdar_moe.yaml",
                         f"run_dir={tmp_path / 'torchrun'}", *overrides], timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
