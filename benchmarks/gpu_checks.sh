@@ -17,6 +17,9 @@
 #                FlexAttention then SDPA (if SDPA fails at 4096, both again at 2048)
 #   weight_sync  benchmarks/weight_sync.py at TP=1 x EP=1 (one GPU: one process), 1.28 GB fp32 model
 #   rollout      benchmarks/rollout.py (trains the small model 300 steps, then cache / no cache, static / dynamic)
+#   rollout_masked  benchmarks/rollout.py --masked: LLaDA-8B's shape with 4 layers (random weights, bf16), batch
+#                32, 256 tokens, block 32: uncached vs Fast-dLLM's prefix / dual cache, fixed steps vs
+#                threshold 0.9 (tokens/s, forwards per token; DARE reports 2.2x for the cache)
 #   memory_*     benchmarks/memory.py: the memory plan vs torch.cuda.max_memory_allocated per phase, and the
 #                offload's seconds, for the SDAR-1.7B shape and SDAR-30B-A3B's with 4 layers
 #   rl_step      benchmarks/rl_step.py, cached+packed vs nocache+padded, 3 steps
@@ -144,6 +147,7 @@ if [[ $SMOKE == 1 ]]; then
     WS_ARGS=(--layers 1 --experts 4 --repeat 1 --bucket-mb 16)
     IPC_ARGS=(--layers 1 --hidden 128 --bucket-mb 4)
     RO_ARGS=(--train-steps 5 --new-tokens 16 --batch 2)
+    ROM_ARGS=(--masked tiny-llada --train-steps 0 --new-tokens 16 --batch 2)
     RL_ARGS=(--steps 2 --prompts 1 --n 2 --max-new-tokens 16 --threads 2)
     RP_ARGS=(--train-steps 5 --new-tokens 16 --batch 2)
     MEM_DENSE=(--preset tiny-sdar --tokens 64 --new-tokens 8 --rows 2)
@@ -153,6 +157,7 @@ else
     WS_ARGS=(--repeat 2)
     IPC_ARGS=()
     RO_ARGS=()
+    ROM_ARGS=(--masked llada-8b-instruct --layers 4 --dtype bfloat16 --batch 32 --new-tokens 256 --train-steps 0)
     RL_ARGS=(--steps 3)
     RP_ARGS=(--train-steps 100 --batch 32)
     MEM_DENSE=(--preset sdar-1.7b-chat --tokens 4096 --new-tokens 256 --rows 16)
@@ -208,6 +213,8 @@ if [[ $SMOKE != 1 && ${fb_rc:-0} != 0 ]]; then  # SDPA's dense mask did not fit 
 fi
 step weight_sync 90 "$PY" benchmarks/weight_sync.py --tp 1 --ep 1 "${WS_ARGS[@]}" --out "$RES/weight_sync.json"
 step rollout 120 "$PY" benchmarks/rollout.py "${RO_ARGS[@]}" --workdir "$WORK/rollout" --out "$RES/rollout.json"
+step rollout_masked 180 "$PY" benchmarks/rollout.py "${ROM_ARGS[@]}" --workdir "$WORK/rollout_masked" \
+    --out "$RES/rollout_masked.json"
 step memory_dense 90 "$PY" benchmarks/memory.py "${MEM_DENSE[@]}" --out "$RES/memory-dense.json"
 step memory_moe 120 "$PY" benchmarks/memory.py "${MEM_MOE[@]}" --out "$RES/memory-moe.json"
 step rl_step 240 "$PY" benchmarks/rl_step.py "${RL_ARGS[@]}" --variants cached+packed,nocache+padded \

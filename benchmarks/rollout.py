@@ -13,6 +13,16 @@ The Megatron backend decodes the same prompts with the same settings, cached and
 process.
 Reported: tokens/s, and forwards per generated token (per request: prefill, denoising steps and commits).
 Result: benchmarks/results/rollout-<device>.json; docs/benchmarks.md keeps the table.
+
+    python benchmarks/rollout.py --masked tiny-llada,tiny-dream [--train-steps 300] [--new-tokens 256]
+    python benchmarks/rollout.py --masked llada-8b-instruct --layers 4 --dtype bfloat16 --batch 32 --train-steps 0
+
+Masked diffusion models (LLaDA, Dream; rollout/masked_cache.py): each preset (trained like the SDAR model, with
+the masked-token loss, unless --train-steps 0) decodes the same prompts with block 32, uncached, with
+Fast-dLLM's prefix cache and with its dual cache, at fixed steps (one token per step) and with threshold
+decoding (low_confidence_dynamic, 0.9): tokens/s, forwards per token, and the fraction of tokens identical to
+the uncached decode of the same policy (the caches are approximate). Result:
+benchmarks/results/rollout-masked-<device>.json.
 """
 
 from __future__ import annotations
@@ -46,7 +56,8 @@ def patterns(count: int, length: int, generator: torch.Generator) -> torch.Tenso
 
 
 def train(hf_dir: str, out_dir: str, steps: int, seq_len: int = 64, batch: int = 16, lr: float = 3e-3) -> dict:
-    """A short block-diffusion training run on Megatron (TP=1); writes the trained HF checkpoint."""
+    """A short training run on Megatron (TP=1): the block-diffusion loss on the two-stream layout, or for a
+    masked diffusion model (LLaDA, Dream) the masked-token loss with full attention; writes the HF checkpoint."""
     from dare_mega.diffusion.masks import packed_position_ids, two_stream_inputs, two_stream_mask
     from dare_mega.models.builder import build_from_hf, mapping_for
     from dare_mega.models.hf_loader import megatron_tensors
@@ -64,7 +75,11 @@ def train(hf_dir: str, out_dir: str, steps: int, seq_len: int = 64, batch: int =
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     positions = packed_position_ids([[seq_len]] * batch, seq_len)
-    mask = two_stream_mask(positions, args.diffusion.block_size)
+    masked_diffusion = args.diffusion.attention == "full"
+    if masked_diffusion:
+        mask = torch.ones(batch, 1, seq_len, seq_len, dtype=torch.bool)
+    else:
+        mask = two_stream_mask(positions, args.diffusion.block_size)
     losses = []
     start = time.perf_counter()
     for step in range(steps):
@@ -72,9 +87,13 @@ def train(hf_dir: str, out_dir: str, steps: int, seq_len: int = 64, batch: int =
         t = torch.rand(batch, 1, generator=g) * 0.9 + 0.1
         masked = torch.rand(batch, seq_len, generator=g) < t
         noisy = torch.where(masked, torch.full_like(clean, args.diffusion.mask_token_id), clean)
-        ids, pos = two_stream_inputs(noisy, clean, positions)
-        weights = torch.cat([masked.float() / t, torch.zeros(batch, seq_len)], dim=1)
-        loss = runner.loss_and_grads(Batch(ids, pos, mask, torch.cat([clean, clean], 1), weights), batch)
+        if masked_diffusion:
+            rows = Batch(noisy, positions, mask, clean, masked.float() / t)
+        else:
+            ids, pos = two_stream_inputs(noisy, clean, positions)
+            weights = torch.cat([masked.float() / t, torch.zeros(batch, seq_len)], dim=1)
+            rows = Batch(ids, pos, mask, torch.cat([clean, clean], 1), weights)
+        loss = runner.loss_and_grads(rows, batch)
         for p in params:
             p.grad = p.main_grad.to(p.dtype)
         optimizer.step()
@@ -96,9 +115,10 @@ def train(hf_dir: str, out_dir: str, steps: int, seq_len: int = 64, batch: int =
     return {"steps": steps, "seconds": seconds, "first_loss": losses[0], "last_loss": sum(losses[-10:]) / 10}
 
 
-def benchmark_model(workdir: str, train_steps: int, model: str | None = None) -> tuple[str, dict | None]:
-    """(checkpoint dir, training figures): `model` as given, else a fresh random one in `workdir`, trained for
-    `train_steps` (none when 0)."""
+def benchmark_model(workdir: str, train_steps: int, model: str | None = None, config: dict | None = None,
+                    dtype: torch.dtype = torch.float32) -> tuple[str, dict | None]:
+    """(checkpoint dir, training figures): `model` as given, else a fresh random one of `config` (default: the
+    SDAR-MoE layout) in `workdir`, trained for `train_steps` (none when 0)."""
     import shutil
 
     from dare_mega.checkpoint.tiny import make_tiny_checkpoint
@@ -107,8 +127,8 @@ def benchmark_model(workdir: str, train_steps: int, model: str | None = None) ->
         return model, None
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
-    random_dir = make_tiny_checkpoint(os.path.join(workdir, "random"), preset=model_config(), seed=0,
-                                      max_shard_bytes=1 << 30)
+    random_dir = make_tiny_checkpoint(os.path.join(workdir, "random"), preset=config or model_config(), seed=0,
+                                      max_shard_bytes=1 << 30, dtype=dtype)
     if not train_steps:
         return random_dir, None
     trained_dir = os.path.join(workdir, "trained")
@@ -131,18 +151,114 @@ def megatron_engine(model_dir: str):
     return MegatronEngine(Runner(chunks, args))
 
 
-def measure(engine, prompts, params, cache: bool) -> dict:
+def measure(engine, prompts, params, cache: bool | str, keep: list | None = None) -> dict:
+    """tokens/s and forwards per token of one batched generate (after a one-prompt warm-up); the completions
+    are appended to `keep` when given."""
     engine.generate(prompts[:1], params, cache=cache)  # warm up
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     start = time.perf_counter()
     completions = engine.generate(prompts, params, cache=cache)
+    sync()
     seconds = time.perf_counter() - start
     tokens = sum(len(c.completion_ids) for c in completions)
+    if keep is not None:
+        keep.extend(completions)
     return {
         "tokens": tokens,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "forwards_per_token": sum(c.forwards for c in completions) / tokens,
     }
+
+
+# ---- masked diffusion (LLaDA, Dream): Fast-dLLM's caches and threshold decoding -------------------------------
+
+def masked_config(preset: str, layers: int | None) -> dict:
+    """A masked diffusion preset (tiny-llada, tiny-dream, llada-8b-instruct, ...), with `layers` layers."""
+    from dare_mega.models.presets import load_preset
+
+    cfg = load_preset(preset)
+    if layers:  # LLaDA's config names it n_layers, Dream's (Qwen2's) num_hidden_layers
+        cfg["n_layers" if "n_layers" in cfg else "num_hidden_layers"] = layers
+    return cfg
+
+
+def agreement(ours, theirs) -> float:
+    """Fraction of the generated tokens identical to the uncached decode's, position by position."""
+    pairs = [(a, b) for x, y in zip(ours, theirs) for a, b in zip(x.generated_ids, y.generated_ids)]
+    return sum(a == b for a, b in pairs) / max(len(pairs), 1)
+
+
+def masked_benchmark(preset: str, args) -> dict:
+    """Uncached vs Fast-dLLM's prefix and dual caches, fixed steps (one token per step) vs threshold decoding,
+    on one masked diffusion model: tokens/s, forwards per token, agreement with the uncached decode."""
+    from dare_mega.rollout.engine import NativeEngine
+    from dare_mega.rollout.types import SamplingParams
+
+    dtype = getattr(torch, args.dtype)
+    workdir = os.path.join(args.workdir, preset)
+    config = masked_config(preset, args.layers)
+    model_dir, training = benchmark_model(workdir, args.train_steps, args.model, config, dtype)
+    engine = NativeEngine.from_pretrained(model_dir, dtype=dtype, tokenizer=False)
+    prompts = patterns(args.batch, 16, torch.Generator().manual_seed(1234)).tolist()
+    rows = []
+    for policy in ("low_confidence_static", "low_confidence_dynamic"):
+        params = SamplingParams(max_new_tokens=args.new_tokens, policy=policy, threshold=args.threshold,
+                                temperature=0.0, block_size=args.block, stop_token_ids=())
+        uncached = []
+        for cache in ("none", "prefix", "dual"):
+            decoded = []
+            row = {"policy": policy, "cache": cache, **measure(engine, prompts, params, cache, decoded)}
+            if cache == "none":
+                uncached = decoded
+            row["agreement"] = agreement(decoded, uncached)
+            rows.append(row)
+            print(preset, row, flush=True)
+
+    def rate(policy, cache):
+        return next(r for r in rows if r["policy"] == policy and r["cache"] == cache)
+
+    static, dynamic = "low_confidence_static", "low_confidence_dynamic"
+    return {
+        "preset": preset,
+        "layers": args.layers,
+        "dtype": args.dtype,
+        "training": training or (f"reused {model_dir}" if args.model else "none (random weights)"),
+        "rows": rows,
+        "cache_speedup": {f"{policy.split('_')[-1]}_{cache}": rate(policy, cache)["tokens_per_s"]
+                          / rate(policy, "none")["tokens_per_s"]
+                          for policy in (static, dynamic) for cache in ("prefix", "dual")},
+        "threshold_forwards_ratio": {cache: rate(dynamic, cache)["forwards_per_token"]
+                                     / rate(static, cache)["forwards_per_token"]
+                                     for cache in ("none", "prefix", "dual")},
+        # DARE reports 2.2x for Fast-dLLM's cache on LLaDA-8B's rollouts
+        "targets": {"prefix_cache_at_least_2.2x": rate(static, "prefix")["tokens_per_s"]
+                    / rate(static, "none")["tokens_per_s"] >= 2.2,
+                    "threshold_fewer_forwards_per_token": rate(dynamic, "none")["forwards_per_token"]
+                    < rate(static, "none")["forwards_per_token"]},
+    }
+
+
+def masked_main(args) -> int:
+    on_gpu = torch.cuda.is_available()
+    result = {
+        "benchmark": "rollout-masked",
+        "device": torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+        "date": time.strftime("%Y-%m-%d"),
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+        "block": args.block,
+        "threshold": args.threshold,
+        "models": [masked_benchmark(preset, args) for preset in args.masked.split(",")],
+    }
+    out = args.out or os.path.join(REPO, "benchmarks", "results", f"rollout-masked-{'gpu' if on_gpu else 'cpu'}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps([{k: m[k] for k in ("preset", "cache_speedup", "threshold_forwards_ratio", "targets")}
+                      for m in result["models"]], indent=2))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -154,7 +270,16 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="an already trained checkpoint (skips making and training one)")
     p.add_argument("--out", default=None)
     p.add_argument("--no-megatron", action="store_true", help="skip the Megatron backend")
+    masked = p.add_argument_group("masked diffusion (Fast-dLLM's caches and threshold decoding)")
+    masked.add_argument("--masked", help="comma-separated masked diffusion presets (tiny-llada,tiny-dream or "
+                        "llada-8b-instruct): benchmark these instead of the SDAR-MoE model")
+    masked.add_argument("--layers", type=int, default=None, help="--masked: override the preset's layer count")
+    masked.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    masked.add_argument("--block", type=int, default=32, help="--masked: block length (LLaDA's 32)")
+    masked.add_argument("--threshold", type=float, default=0.9, help="--masked: Fast-dLLM's threshold")
     args = p.parse_args(argv)
+    if args.masked:
+        return masked_main(args)
 
     from dare_mega.rollout.engine import NativeEngine
     from dare_mega.rollout.types import SamplingParams

@@ -89,7 +89,7 @@ def saved_activation_bytes(model, fn) -> int:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Tiny checkpoints of each family, made once per session: {"sdar": path, "sdar_moe": ..., "llada2_moe": ...,
-    "llada": ..., "dream": ...}."""
+    "llada": ..., "dream": ..., "llada_moe": ...}."""
     from dare_mega.checkpoint.tiny import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
@@ -99,6 +99,7 @@ def tiny_dir(tmp_path_factory):
         "llada2_moe": make_tiny_checkpoint(str(root / "tiny-llada2-moe"), preset="tiny-llada2-moe", seed=0),
         "llada": make_tiny_checkpoint(str(root / "tiny-llada"), preset="tiny-llada", seed=0),
         "dream": make_tiny_checkpoint(str(root / "tiny-dream"), preset="tiny-dream", seed=0),
+        "llada_moe": make_tiny_checkpoint(str(root / "tiny-llada-moe"), preset="tiny-llada-moe", seed=0),
     }
 
 

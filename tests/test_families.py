@@ -89,7 +89,7 @@ def test_references_refuse_what_they_lack():
 
 
 def test_an_unknown_family_is_named():
-    with pytest.raises(ConfigError, match="unknown model family 'mdlm'.*dream, llada, llada2, sdar"):
+    with pytest.raises(ConfigError, match="unknown model family 'mdlm'.*dream, llada, llada2, llada_moe, sdar"):
         family_named("mdlm")
 
 

@@ -93,6 +93,24 @@ def test_dream_decodes_by_the_same_rule_on_its_shifted_logits(tiny_dir):
         assert c.generated_ids == ids and c.generated_reveal_steps == steps_of
 
 
+@pytest.mark.parametrize("policy", ["low_confidence_static", "random_static"])
+def test_llada_moe_decodes_as_llada_generate(tiny_dir, policy):
+    """LLaDA-MoE (its softmax top-k experts in the engine's forward) decodes by LLaDA's rule on the plain-PyTorch
+    reference of its published code."""
+    from dare_mega.models.llada_moe.reference import reference_model
+
+    engine = NativeEngine.from_pretrained(tiny_dir["llada_moe"], tokenizer=False)
+    reference = reference_model(tiny_dir["llada_moe"])
+    args = engine.args
+    params = SamplingParams(max_new_tokens=13, temperature=0.0, policy=policy, steps=3, seeds=(1, 2, 3),
+                            stop_token_ids=())
+    for prompt, seed, c in zip(PROMPTS, (1, 2, 3), engine.generate(PROMPTS, params, cache=False)):
+        ids, steps_of = direct_generate(reference, prompt, 13, args.diffusion.block_size, 3,
+                                        args.diffusion.mask_token_id, policy, seed)
+        assert c.generated_ids == ids and c.generated_reveal_steps == steps_of
+        assert len(ids) == 16  # two blocks of 8 after the prompt
+
+
 def test_the_megatron_backend_decodes_the_same(llada, tiny_dir, world1):
     from dare_mega.models.builder import build_from_hf
     from dare_mega.models.runner import Runner
@@ -114,37 +132,40 @@ def test_the_megatron_backend_decodes_the_same(llada, tiny_dir, world1):
 
 
 def test_a_stop_inside_a_block_keeps_the_full_length_decode(llada):
-    """Stopping after the block that holds the stop token changes nothing before it: later blocks were still
-    masks when it was decoded, as in the full-length decode."""
+    """By default (LLaDA's generate, DARE's rollouts) a request decodes its whole canvas and its answer ends at the
+    stop; with stop_early it ends after the block that holds the stop, which changes nothing before it: later
+    blocks were still masks when it was decoded, as in the full-length decode."""
     engine, _ = llada
     full = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=1.0, seeds=(7, 8, 9),
                                                    stop_token_ids=()), cache=False)
     stops = (full[1].generated_ids[9],)  # a token of the second block of request 1
-    cut = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=1.0, seeds=(7, 8, 9),
-                                                  stop_token_ids=stops), cache=False)
-    c = cut[1]
-    assert c.finish_reason == "stop" and c.completion_ids[-1] == stops[0]
-    assert c.completion_ids == full[1].generated_ids[: len(c.completion_ids)]
-    assert c.generated_ids == full[1].generated_ids[: len(c.generated_ids)] and len(c.generated_ids) % 8 == 0
+    first = full[1].generated_ids.index(stops[0])
+    for stop_early in (None, True):
+        cut = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=1.0, seeds=(7, 8, 9),
+                                                      stop_token_ids=stops, stop_early=stop_early), cache=False)
+        c = cut[1]
+        assert c.finish_reason == "stop" and c.completion_ids == full[1].generated_ids[: first + 1]
+        assert len(c.logprobs) == len(c.reveal_steps) == first + 1
+        if stop_early:
+            assert c.generated_ids == full[1].generated_ids[: len(c.generated_ids)] and len(c.generated_ids) == 16
+            assert c.forwards < full[1].forwards
+        else:  # the whole canvas, as without the stop
+            assert c.generated_ids == full[1].generated_ids and c.forwards == full[1].forwards
+            assert c.generated_logprobs == full[1].generated_logprobs
 
 
-def test_the_cache_is_refused_for_masked_diffusion(llada):
-    engine, _ = llada
-    with pytest.raises(ConfigError, match="masked diffusion model .* no exact KV cache; decode with cache=False"):
-        engine.generate(PROMPTS, SamplingParams(max_new_tokens=4))
-
-
-def test_rl_and_the_replay_refuse_masked_diffusion_models_by_name(llada, tmp_path):
-    """The RL estimators build block-diffusion rows: on LLaDA they would be wrong, so the run is refused before
-    any process group exists; so is the replay of SGLang trajectories."""
+def test_block_diffusion_only_estimators_and_the_replay_refuse_masked_diffusion_by_name(llada, tmp_path):
+    """EBPO's composite ELBO (one noise level per block) is block diffusion's: on LLaDA the run is refused before
+    any process group exists, naming the estimators that apply; so is the replay of SGLang trajectories."""
     from dare_mega.config import load_config
     from dare_mega.rollout.replay import replay
     from dare_mega.trainer.config import RLConfig
     from dare_mega.trainer.rl_setup import check_inputs
 
     cfg = load_config(RLConfig, None, ["model.preset=tiny-llada", f"run_dir={tmp_path}", "task.train_prompts=4",
-                                       "task.heldout=2"])
-    with pytest.raises(ConfigError, match="LLaDAModelLM .* is a masked diffusion model; the RL estimators"):
+                                       "task.heldout=2", "algorithm.estimator=ebpo"])
+    with pytest.raises(ConfigError, match="estimator=ebpo is defined for block diffusion only; LLaDAModelLM .* "
+                                          "masked diffusion model .* use one of bgpo, coupled, d1, espo, spg"):
         check_inputs(cfg)
     engine, _ = llada
     with pytest.raises(ConfigError, match="replay: LLaDAModelLM is a masked diffusion model"):

@@ -259,3 +259,118 @@ def test_llada_settings_outside_the_published_layout_are_refused(key, value):
         args_from_config(cfg)
     with pytest.raises(ConfigError, match="embedding_size=200 is smaller than vocab_size=300"):
         args_from_config({**load_preset("tiny-llada"), "embedding_size": 200})
+
+
+def llada_moe_published_tensors(cfg) -> dict:
+    """LLaDA-MoE's tensor names and shapes as its published modeling_lladamoe.py builds them (OLMoE's names),
+    stated from the config independently of the mapping table and the reference."""
+    hidden, vocab, experts = cfg["hidden_size"], cfg["vocab_size"], cfg["num_experts"]
+    head_dim = hidden // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * head_dim
+    out = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+           "lm_head.weight": (vocab, hidden)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        out.update({f"{p}.input_layernorm.weight": (hidden,), f"{p}.post_attention_layernorm.weight": (hidden,),
+                    f"{p}.self_attn.q_proj.weight": (hidden, hidden), f"{p}.self_attn.k_proj.weight": (kv, hidden),
+                    f"{p}.self_attn.v_proj.weight": (kv, hidden), f"{p}.self_attn.o_proj.weight": (hidden, hidden)})
+        if cfg.get("qk_layernorm"):
+            out.update({f"{p}.self_attn.q_norm.weight": (head_dim,), f"{p}.self_attn.k_norm.weight": (head_dim,)})
+        if not cfg["moe_layer_freq"][i]:
+            inner = cfg["dense_intermediate_size"]
+            out.update({f"{p}.mlp.gate_proj.weight": (inner, hidden), f"{p}.mlp.up_proj.weight": (inner, hidden),
+                        f"{p}.mlp.down_proj.weight": (hidden, inner)})
+            continue
+        inner = cfg["expert_intermediate_size"]
+        out[f"{p}.mlp.gate.weight"] = (experts, hidden)
+        for e in range(experts):
+            out.update({f"{p}.mlp.experts.{e}.gate_proj.weight": (inner, hidden),
+                        f"{p}.mlp.experts.{e}.up_proj.weight": (inner, hidden),
+                        f"{p}.mlp.experts.{e}.down_proj.weight": (hidden, inner)})
+        if cfg.get("shared_expert_intermediate_size"):
+            shared = cfg["shared_expert_intermediate_size"]
+            out.update({f"{p}.shared_expert.gate_proj.weight": (shared, hidden),
+                        f"{p}.shared_expert.up_proj.weight": (shared, hidden),
+                        f"{p}.shared_expert.down_proj.weight": (hidden, shared)})
+    return out
+
+
+@pytest.mark.parametrize("preset,changes", [
+    ("llada-moe-7b-a1b-instruct", {}),
+    # what the published code supports and the published config does not use
+    ("tiny-llada-moe", {"num_hidden_layers": 3, "moe_layer_freq": [0, 1, 1], "shared_expert_intermediate_size": 48,
+                        "qk_layernorm": False, "num_key_value_heads": 2}),
+])
+def test_llada_moe_mapping_and_reference_name_every_published_tensor(preset, changes):
+    """LLaDA-MoE (no published index in ../shared): the mapping table and the plain PyTorch reference both name
+    exactly the tensors, with the shapes, that modeling_lladamoe.py builds from the config."""
+    from dare_mega.models.llada_moe.reference import LLaDAMoEReference
+
+    cfg = {**load_preset(preset), **changes}
+    published = llada_moe_published_tensors(cfg)
+    assert mapping_for(args_from_config(cfg)).expected_hf() == published
+    with torch.device("meta"):
+        model = LLaDAMoEReference(cfg)
+    assert {n: tuple(t.shape) for n, t in model.state_dict().items()} == published
+
+
+def test_llada_moe_numbers():
+    """LLaDA-MoE-7B-A1B: the numbers of the model card and modeling code (docs/architecture.md names the
+    sources). 7.36e9 parameters (the paper's "7B", about 14.7 GB in bf16), of which a token uses 1.4e9 besides
+    the embedding ("activating 1.4B"): attention, router and 8 of 64 experts in each of 16 layers, the head."""
+    import math
+
+    args = args_from_config(load_preset("llada-moe-7b-a1b-instruct"))
+    assert args.family == "llada_moe" and args.architecture == "LLaDAMoEModelLM"
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.num_kv_heads, args.head_dim,
+            args.vocab_size, args.rope_theta, args.rotary_percent, args.norm_eps, args.max_position_embeddings) == \
+        (16, 2048, 16, 16, 128, 157184, 50000.0, 1.0, 1e-5, 8192)
+    moe = args.moe
+    assert (moe.num_experts, moe.topk, moe.expert_ffn_hidden_size) == (64, 8, 1024)
+    assert moe.shared_expert_ffn_hidden_size == 0
+    assert moe.score_function == "softmax" and not moe.norm_topk_prob and not moe.expert_bias
+    assert moe.layer_pattern == (1,) * 16 and moe.aux_loss_coef == 0.01
+    d = args.diffusion
+    assert (d.mask_token_id, d.block_size, d.attention, d.shifted_logits, d.pad_token_id, d.eos_token_ids) == \
+        (156895, 32, "full", False, 156892, (156892,))
+    assert args.features == {"qk_norm", "full_attention", "router_softmax"} and not args.tie_word_embeddings
+    shapes = mapping_for(args).expected_hf()
+    total = sum(math.prod(s) for s in shapes.values())
+    assert total == 7_356_880_896 and total * 2 == 14_713_761_792  # bf16 bytes
+    per_expert = 3 * 2048 * 1024
+    active = total - 157184 * 2048 - 16 * (64 - 8) * per_expert
+    assert 1.35e9 < active < 1.45e9
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("moe_router_enable_expert_bias", True, "moe_router_enable_expert_bias=true is not supported"),
+    ("clip_qkv", 8.0, "clip_qkv=8.0 is not supported"),
+    ("attention_bias", True, "attention_bias=true is not supported"),
+    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, "rope_scaling=.* is not supported"),
+    ("hidden_act", "gelu", "hidden_act='gelu' is not supported"),
+    ("head_dim", 32, "head_dim=32 is not supported"),
+    ("moe_layer_freq", [1], r"moe_layer_freq=\[1\] must list 0 \(dense\) or 1 \(MoE\) for each of the "
+                            "num_hidden_layers=2"),
+    ("moe_layer_freq", [1, 2], r"moe_layer_freq=\[1, 2\] has entries other than"),
+    ("partial_rotary_factor", -1, "partial_rotary_factor=-1 must be in"),
+    ("num_experts_per_tok", 9, "num_experts_per_tok=9 exceeds num_experts=8"),
+    ("expert_intermediate_size", None, "required key 'expert_intermediate_size' is missing"),
+])
+def test_llada_moe_settings_outside_what_megatron_reproduces_are_refused(key, value, message):
+    from dare_mega.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        args_from_config({**load_preset("tiny-llada-moe"), key: value})
+    with pytest.raises(ConfigError, match="required key 'dense_intermediate_size' is missing"):
+        cfg = {**load_preset("tiny-llada-moe"), "moe_layer_freq": [0, 1]}
+        cfg.pop("dense_intermediate_size")
+        args_from_config(cfg)
+
+
+def test_llada_moe_keys_its_code_never_reads_change_nothing():
+    """modeling_lladamoe.py hard-codes norm_topk_prob = False, always applies softmax and never reads
+    routed_scaling_factor or the router groups: those keys do not change the model."""
+    tiny = load_preset("tiny-llada-moe")
+    ignored = {"norm_topk_prob": True, "moe_router_score_function": "sigmoid", "routed_scaling_factor": 2.5,
+               "router_num_group": 4, "router_topk_group": 2}
+    assert args_from_config({**tiny, **ignored}) == args_from_config(tiny)

@@ -1,6 +1,5 @@
 """Megatron vs the families' references (transformers' Qwen3 / Qwen3-MoE / Qwen2 for Dream; the plain-PyTorch
-LLaDA2 and LLaDA), at
-every parallel layout (float32 on CPU).
+LLaDA2, LLaDA and LLaDA-MoE), at every parallel layout (float32 on CPU).
 
 Each case loads the same tiny HF checkpoint at a layout, runs the same seeded batch through Megatron's
 pipeline schedule with micro-batches (each data-parallel rank its own rows), and compares logits, the loss
@@ -36,6 +35,17 @@ def check(results):
             assert max(losses) - min(losses) <= TOL, f"{family}: losses differ across layouts: {losses}"
 
 
+def llada_moe_variant(tmp_path) -> str:
+    """The tiny LLaDA-MoE with what its published config leaves unused but its code supports: a dense first
+    layer (moe_layer_freq 0), a shared expert, a rotary embedding on half of each head, no q/k norm."""
+    from dare_mega.checkpoint.tiny import make_tiny_checkpoint
+    from dare_mega.models.presets import load_preset
+
+    cfg = {**load_preset("tiny-llada-moe"), "num_hidden_layers": 3, "moe_layer_freq": [0, 1, 1],
+           "shared_expert_intermediate_size": 48, "partial_rotary_factor": 0.5, "qk_layernorm": False}
+    return make_tiny_checkpoint(str(tmp_path / "tiny-llada-moe-variant"), preset=cfg, seed=1)
+
+
 @pytest.mark.distributed
 def test_parity_one_process(tiny_dir, tmp_path):
     dense, moe, llada2, llada = tiny_dir["sdar"], tiny_dir["sdar_moe"], tiny_dir["llada2_moe"], tiny_dir["llada"]
@@ -43,6 +53,8 @@ def test_parity_one_process(tiny_dir, tmp_path):
         case(dense), case(moe), case(moe, mask="block-causal"), case(dense, mask="causal"), case(llada2),
         case(llada, mask="full"),                            # masked diffusion: bidirectional per document
         case(tiny_dir["dream"], mask="full"),                # Dream: q/k/v biases, logits shifted per document
+        case(tiny_dir["llada_moe"], mask="full"),            # LLaDA-MoE: qk-norm, top-k softmax weights as they are
+        case(llada_moe_variant(tmp_path), mask="full"),      # its dense layer, shared expert, partial rotary
         # FlexAttention (the GPU kernel's arithmetic, eager here; it has no CPU backward): same logits
         case(dense, attention="flex", grads=False), case(moe, attention="flex", micro_batch_size=2, grads=False),
     ], tmp_path))
@@ -63,6 +75,9 @@ def test_parity_two_processes(tiny_dir, tmp_path):
         case(llada, pp=2, vpp=2, mask="full"),               # and on the interleaved schedule
         case(tiny_dir["dream"], tp=2, mask="full"),          # Dream's biases sharded with their query groups
         case(tiny_dir["dream"], pp=2, vpp=2, mask="full"),   # the shift on the last stage only
+        case(tiny_dir["llada_moe"], tp=2, mask="full"),      # LLaDA-MoE at TP=2 (experts at ETP=2) with SP
+        case(tiny_dir["llada_moe"], pp=2, mask="full"),      # one MoE layer per stage
+        case(tiny_dir["llada_moe"], ep=2, mask="full"),      # four experts per rank
     ], tmp_path))
 
 

@@ -125,11 +125,51 @@ def test_objectives(name):
     assert ((weights[:24] > 0) == masked_positions).all()
     if name == "llada2_block":
         assert set(weights[:24][masked_positions].tolist()) == {1.0}
-        assert batch.loss_normalizer.item() == masked_positions.sum().item()  # a plain mean over masked
     else:
         assert (weights[:24][masked_positions] >= 1.0).all()  # 1 / p
+    if name == "sdar_block":
         assert batch.loss_normalizer.item() == 7 + 5  # the answer lengths
+    else:  # LLaDA2 (a plain mean), and DARE's LLaDA / Dream trainers: sum CE / p over the masked tokens' count
+        assert batch.loss_normalizer.item() == masked_positions.sum().item()
+    for normalize, expected in (("answer", 7 + 5), ("masked", masked_positions.sum().item())):
+        again = sft_batch([row], objective(name, "sdar", normalize=normalize), mask_token_id=99, block_size=4,
+                          generators=[torch.Generator().manual_seed(0)])
+        assert torch.equal(again.loss_weights, batch.loss_weights) and again.loss_normalizer.item() == expected
     assert objective("auto", "llada2").name == "llada2_block" and objective("auto", "sdar").name == "sdar_block"
+    assert objective("auto", "llada").name == "masked_diffusion" == objective("auto", "dream").name
+
+
+def test_llada_pads_responses_with_end_of_text_to_a_fixed_length():
+    """data.pad_to: the response continues with the pad (end-of-text) id up to a fixed length; the padding is
+    response: masked and trained like it (LLaDA's SFT), the prompt never masked; a pad_to over the budget is
+    refused by key."""
+    from dare_mega.config import load_config
+    from dare_mega.data.sft import tokenize_record
+    from dare_mega.trainer.config import SFTConfig
+
+    class Tokenizer:
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return [1, 2, 3]
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [10 + len(text)]}
+
+    cfg = load_config(SFTConfig, None, ["data.pad_to=20", "data.token_budget=24"])
+    sample = tokenize_record({"prompt": "q", "response": "ab"}, Tokenizer(), cfg.data, 4, pad_id=7, eos_id=8)
+    assert sample.ids == [1, 2, 3, 12, 8] + [7] * 15 and sample.prompt_len == 3 and sample.answer_len == 17
+    plain = load_config(SFTConfig, None, []).data  # the block grid only
+    assert tokenize_record({"prompt": "q", "response": "ab"}, Tokenizer(), plain, 4, 7, 8).ids == [1, 2, 3, 12, 8] + [7] * 3
+    rows, _ = pack([sample], budget=24)
+    obj = objective("masked_diffusion", "llada")
+    masked_pad = 0
+    for seed in range(50):
+        batch = sft_batch(rows, obj, mask_token_id=99, block_size=4, generators=[torch.Generator().manual_seed(seed)])
+        masked = batch.input_ids[0] == 99
+        assert not masked[:3].any() and (batch.loss_weights[0][masked] > 0).all()
+        masked_pad += int(masked[5:20].sum())
+    assert masked_pad > 0  # the end-of-text padding is noised and trained
+    with pytest.raises(ConfigError, match="data.pad_to=32 must be within .*data.token_budget=24"):
+        load_config(SFTConfig, None, ["data.pad_to=32", "data.token_budget=24"]).check()
 
 
 def expected_document_weight(obj, length: int, eligible: torch.Tensor, nodes: int = 64) -> float:

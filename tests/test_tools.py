@@ -95,8 +95,9 @@ def test_check_logits_exit_status_follows_the_tolerance(tiny_dir):
     assert proc.stdout.strip().splitlines()[-1].startswith("max_abs_logit_diff=")
 
 
-@pytest.mark.parametrize("preset", ["tiny-sdar", "tiny-llada2-moe", "tiny-llada", "tiny-dream", "llada2.0-mini",
-                                    "llada-8b-instruct", "dream-v0-instruct-7b", "sdar-30b-a3b-chat"])
+@pytest.mark.parametrize("preset", ["tiny-sdar", "tiny-llada2-moe", "tiny-llada", "tiny-dream", "tiny-llada-moe",
+                                    "llada2.0-mini", "llada-8b-instruct", "dream-v0-instruct-7b", "sdar-30b-a3b-chat",
+                                    "llada-moe-7b-a1b-instruct"])
 def test_the_parity_batch_works_at_the_default_length_for_every_family(preset):
     """Every mask kind at the default --seq-len, a block of 32 included (LLaDA2's published one); `full` puts
     documents side by side with no block grid; a length that cannot hold two documents is refused by name."""

@@ -1,6 +1,6 @@
 """One policy update on Megatron for any estimator, with exact gradients of any loss.
 
-  rows   = estimator.rows(samples)                  # two-stream rows, noise from the step's generator
+  rows   = estimator.rows(samples)                  # noisy/clean rows, noise from the step's generator
   lp_old = log p(clean | rows)  on Megatron         # forward only, vocab-parallel, any TP/PP/EP
   q_old  = estimator.quantities(lp_old)             # per token or per sequence
   loss   = estimator.loss(q(lp), q_old, ...)        # ratios, clipping, KL, importance weights
@@ -28,8 +28,11 @@ from dare_mega.models.runner import Batch
 
 
 def rows_to_batch(rows: Rows, block_size: int, multiple: int = 1, row_multiple: int = 1,
-                  pack_tokens: int | None = None, at_least: tuple[int, int] = (0, 0)) -> PackedBatch:
-    """Lay the rows out in the two-stream layout. With `pack_tokens`, rows are packed first-fit-decreasing
+                  pack_tokens: int | None = None, at_least: tuple[int, int] = (0, 0),
+                  two_stream: bool = True) -> PackedBatch:
+    """Lay the rows out in the two-stream layout (block diffusion), or as the noisy stream alone with
+    bidirectional attention within each row (`two_stream=False`: masked diffusion). With `pack_tokens`, rows
+    are packed first-fit-decreasing
     into sequences of up to max(pack_tokens, longest row) tokens per stream (each row its own piece, with
     positions from 0, so no row sees another); without it each row is one sequence, padded to the longest.
     Lengths are rounded up to a multiple of `multiple` (sequence parallelism); empty sequences are added up to
@@ -38,7 +41,13 @@ def rows_to_batch(rows: Rows, block_size: int, multiple: int = 1, row_multiple: 
     lengths = [len(r) for r in rows.clean]
     bins = pack_lengths(lengths, max(pack_tokens or 0, *lengths), "ffd" if pack_tokens else "none")
     return lay_out(rows.noisy, rows.clean, bins, block_size, min_length=at_least[1], multiple=multiple,
-                   min_rows=at_least[0], row_multiple=row_multiple)
+                   min_rows=at_least[0], row_multiple=row_multiple, two_stream=two_stream)
+
+
+def two_stream(runner) -> bool:
+    """Whether the runner's model trains on [x_t ; x_0] rows (block diffusion) or on x_t alone (masked
+    diffusion: every position attends to the whole sequence)."""
+    return runner.args.diffusion.attention != "full"
 
 
 def noisy_log_probs(runner, rows: PackedBatch, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
@@ -80,10 +89,12 @@ def prepare(runner, estimator, samples, generators: list[torch.Generator], cfg: 
     `log_mismatch` the old pass counts the (token, layer) pairs whose experts differ. Returns (prepared,
     routing stats)."""
     rows, plan = estimator.rows(samples, generators)
-    laid = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size, pack_tokens)
+    streams = two_stream(runner)
+    laid = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size, pack_tokens, two_stream=streams)
     shape = _max_over_ranks((laid.batch.size, laid.stream))
     if shape != (laid.batch.size, laid.stream):
-        laid = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size, pack_tokens, shape)
+        laid = rows_to_batch(rows, samples[0].block_size, sp_multiple, micro_batch_size, pack_tokens, shape,
+                             two_stream=streams)
     if replay and engine_routing is None:
         raise ValueError("prepare(replay=True) needs engine_routing: the experts to replay")
     routing, lp, engine = {}, None, None
@@ -130,8 +141,9 @@ def policy_gradient(runner, estimator, samples, prepared: Prepared, cfg: LossCon
     if coef is None:
         coef = torch.zeros_like(leaf)
     batch = laid.batch
-    surrogate = Batch(batch.input_ids, batch.position_ids, batch.mask, batch.labels,
-                      loss_weights=torch.cat([-laid.pack(coef), torch.zeros(batch.size, laid.stream)], dim=1),
+    weights = -laid.pack(coef)  # on the noisy stream; the clean stream (block diffusion) carries none
+    weights = torch.cat([weights, torch.zeros(batch.size, batch.seq_len - laid.stream)], dim=1)
+    surrogate = Batch(batch.input_ids, batch.position_ids, batch.mask, batch.labels, loss_weights=weights,
                       loss_normalizer=torch.zeros(batch.size, dtype=torch.long), experts=batch.experts)
     runner.loss_and_grads(surrogate, micro_batch_size, temperature)
     stats.update(loss=float(loss.detach()), rows=len(laid.places), packed_rows=batch.size,
@@ -181,11 +193,12 @@ def replay_log_probs(runner, completion, mask_token_id: int, micro_batch_size: i
     the clean earlier blocks, so one forward gives every token's log-prob; the check that this gives the
     rollout's log-probs back covers the code the trainer runs."""
     sample = Sample(completion.prompt_ids, completion.generated_ids, completion.generated_reveal_steps,
-                    completion.block_size)
+                    completion.block_size, masked_diffusion=not two_stream(runner))
     estimator = build("trajectory", mask_token_id)
     rows, plan = estimator.rows([sample], [torch.Generator()])
     # sequence parallelism splits each stream's tokens over the tensor-parallel ranks
-    laid = rows_to_batch(rows, completion.block_size, multiple=_tensor_parallel_size(), pack_tokens=pack_tokens)
+    laid = rows_to_batch(rows, completion.block_size, multiple=_tensor_parallel_size(), pack_tokens=pack_tokens,
+                         two_stream=not sample.masked_diffusion)
     log_probs = noisy_log_probs(runner, laid, micro_batch_size or laid.batch.size)
     return estimator.quantities(log_probs, plan)[0].tolist()
 

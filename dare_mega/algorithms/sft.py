@@ -11,12 +11,19 @@ weighted NLL, sum(weight * -log p(label)) / sum(normalizer), over the global bat
   docs/algorithms.md).
 - llada2_block (dFactory's LLaDA2 block-diffusion SFT): t ~ U(0.3, 0.8) per document, mask rate t, the same
   two-stream layout; weight 1; normalised by the number of masked tokens (a plain mean).
-- masked_diffusion (LLaDA-style MDM SFT): one stream, bidirectional attention within each document, p as in
-  sdar_block, weight 1/p, normalised by the answer length.
+- masked_diffusion (LLaDA's and Dream's MDM SFT, as DARE's trainers run it): one stream, bidirectional attention
+  within each document, p as in sdar_block, weight 1/p, normalised by the number of masked tokens (DARE;
+  `normalize="answer"`: by the answer length, as LLaDA's published guidelines do). The prompt is never masked;
+  with data.pad_to the response is padded with end-of-text to a fixed length and the padding is masked and
+  trained like any response token (data/sft.py).
+
+`normalize` ("auto": the objective's own, above) chooses the normaliser of any objective: "answer" (the answer
+lengths) or "masked" (the masked tokens).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -37,24 +44,33 @@ class Objective:
     per_answer: bool  # normalise by answer length (else by the number of masked tokens)
 
 
+NORMALIZERS = ("auto", "answer", "masked")
+
+
 def objective(name: str, family: str, eps: float = 1e-3, t_min: float | None = None,
-              t_max: float | None = None) -> Objective:
+              t_max: float | None = None, normalize: str = "auto") -> Objective:
     """The objective `name` ("auto": the published recipe of `family`, a models/ registry name) with its
-    defaults filled in."""
+    defaults filled in; `normalize` overrides its normaliser ("answer" or "masked")."""
     if name == "auto":
         from dare_mega.models.family import family_named
 
         name = family_named(family).sft_objective
+    if normalize not in NORMALIZERS:
+        raise ValueError(f"loss.normalize={normalize!r}; expected one of {', '.join(NORMALIZERS)}")
     if name == "llada2_block":
-        return Objective(name, 0.3 if t_min is None else t_min, 0.8 if t_max is None else t_max, 0.0, True,
-                         inverse_p=False, per_answer=False)
-    if name == "sdar_block":
-        return Objective(name, t_min or 0.0, 1.0 if t_max is None else t_max, eps, True, inverse_p=True,
-                         per_answer=True)
-    if name == "masked_diffusion":
-        return Objective(name, t_min or 0.0, 1.0 if t_max is None else t_max, eps, False, inverse_p=True,
-                         per_answer=True)
-    raise ValueError(f"unknown SFT objective {name!r}")
+        obj = Objective(name, 0.3 if t_min is None else t_min, 0.8 if t_max is None else t_max, 0.0, True,
+                        inverse_p=False, per_answer=False)
+    elif name == "sdar_block":
+        obj = Objective(name, t_min or 0.0, 1.0 if t_max is None else t_max, eps, True, inverse_p=True,
+                        per_answer=True)
+    elif name == "masked_diffusion":
+        obj = Objective(name, t_min or 0.0, 1.0 if t_max is None else t_max, eps, False, inverse_p=True,
+                        per_answer=False)
+    else:
+        raise ValueError(f"unknown SFT objective {name!r}")
+    if normalize == "auto":
+        return obj
+    return dataclasses.replace(obj, per_answer=normalize == "answer")
 
 
 def document_noise(length: int, eligible: torch.Tensor, t_uniform: float, uniforms: torch.Tensor,

@@ -2,7 +2,9 @@
 
 Each sample is the prompt (the tokenizer's own chat template with the generation prompt), the response, the
 end-of-turn token, then padding to a multiple of the block size with labels kept on the padding (SDAR and
-LLaDA2 both train the model to fill the tail of its last block with padding: that is how it learns to stop).
+LLaDA2 both train the model to fill the tail of its last block with padding: that is how it learns to stop),
+and with data.pad_to further padding to that fixed length (LLaDA's SFT pads responses with end-of-text, which
+is masked and trained like the response: the masked-diffusion model learns to fill its canvas with it).
 
 Samples are packed into rows of exactly `token_budget` tokens, in order or first-fit decreasing
 (`data.packing`); each sample keeps its own positions 0..n-1 (which is how the attention mask keeps documents
@@ -71,6 +73,8 @@ def tokenize_record(record: dict, tokenizer, data_cfg, block_size: int, pad_id: 
     answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos_id]
     ids = list(prompt) + answer
     ids += [pad_id] * (-len(ids) % block_size)
+    if len(ids) < data_cfg.pad_to:  # LLaDA's fixed length: the response continues with end-of-text
+        ids += [pad_id] * (data_cfg.pad_to - len(ids))
     return Sample(ids, len(prompt), source)
 
 

@@ -9,6 +9,10 @@ cache row (`rows`), so finished requests simply stop appearing and nothing is co
 parallelism each rank holds its own key / value heads; under pipeline parallelism each stage its own
 layers). `CachedBlocks` is what Megatron's attention receives as its mask: the cache and this forward's rows,
 lengths, positions, new-token mask and writes, sliced per micro-batch like the rest of the batch.
+
+Masked diffusion (Fast-dLLM's dual cache, rollout/masked_cache.py) caches the whole canvas and feeds only the
+current block: `replaced` marks, per row, the cached positions [start, stop) that the new tokens stand for, so
+they are not read from the cache (stale keys of the block) while everything around them is.
 """
 
 from __future__ import annotations
@@ -20,16 +24,20 @@ import torch.nn.functional as F
 
 
 def attend_cached(q, k, v, cache_k, cache_v, rows, lengths, positions, new_mask, write, scale: float,
-                  span: int | None = None):
+                  span: int | None = None, replaced: torch.Tensor | None = None):
     """q [b, heads, t, d]; k, v [b, groups, t, d] (the new tokens, rotated); cache_k / cache_v
     [rows_total, groups, max_len, d]; rows [b] (each row's cache row), lengths [b] (its cached positions),
     positions [b, t], new_mask bool [b, t, t] (True = may attend), write bool [b, t] (store these tokens at their
     positions, after they are read); span: how many cached positions to read (at least max(lengths); given, it
-    saves a device sync per layer). Returns [b, heads, t, d]."""
+    saves a device sync per layer); replaced [b, 2] or None: cached positions [start, stop) of each row that are
+    not read (the new tokens replace them). Returns [b, heads, t, d]."""
     b, t = positions.shape
     if span is None:
         span = int(lengths.max()) if lengths.numel() else 0
-    cached = torch.arange(span, device=q.device)[None, :] < lengths[:, None]  # [b, span]
+    cached_positions = torch.arange(span, device=q.device)[None, :]
+    cached = cached_positions < lengths[:, None]  # [b, span]
+    if replaced is not None:
+        cached = cached & ~((cached_positions >= replaced[:, :1]) & (cached_positions < replaced[:, 1:]))
     keys = torch.cat([cache_k[rows, :, :span], k], dim=2)
     values = torch.cat([cache_v[rows, :, :span], v], dim=2)
     allowed = torch.cat([cached[:, None, :].expand(b, t, span), new_mask], dim=2)
@@ -74,6 +82,7 @@ class CachedBlocks:
     new_mask: torch.Tensor
     write: torch.Tensor
     span: int = -1  # cached positions every row reads (-1: max(lengths), taken while `lengths` is on the CPU)
+    replaced: torch.Tensor | None = None  # [b, 2]: cached positions [start, stop) not read (see attend_cached)
 
     def __post_init__(self):
         if self.span < 0:
@@ -82,12 +91,14 @@ class CachedBlocks:
     def attend(self, layer, q, k, v, scale: float):
         cache_k, cache_v = self.cache.layer(layer, k)
         return attend_cached(q, k, v, cache_k, cache_v, self.rows, self.lengths, self.positions, self.new_mask,
-                             self.write, scale, self.span)
+                             self.write, scale, self.span, self.replaced)
 
     def select(self, start: int, stop: int) -> "CachedBlocks":
         return CachedBlocks(self.cache, self.rows[start:stop], self.lengths[start:stop],
-                            self.positions[start:stop], self.new_mask[start:stop], self.write[start:stop], self.span)
+                            self.positions[start:stop], self.new_mask[start:stop], self.write[start:stop], self.span,
+                            None if self.replaced is None else self.replaced[start:stop])
 
     def to(self, device) -> "CachedBlocks":
         return CachedBlocks(self.cache, *(t.to(device) for t in (self.rows, self.lengths, self.positions,
-                                                                  self.new_mask, self.write)), self.span)
+                                                                  self.new_mask, self.write)), self.span,
+                            None if self.replaced is None else self.replaced.to(device))

@@ -94,8 +94,10 @@ def route(logits: torch.Tensor, topk: int, score_function: str = "softmax", norm
 def shift_logits(logits: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """Dream's shifted prediction: the logits for the token at i are the output at i - 1 (logits [B, S, ...],
     positions [B, S]). A position whose position id is 0 starts a document (packed documents restart at 0)
-    and keeps its own output, as Dream's generate keeps position 0's, so nothing crosses a document."""
+    and keeps its own output, as Dream's generate keeps position 0's, so nothing crosses a document. The first
+    token of a window that starts inside a document (a cached decoding forward) has no predecessor in it and keeps
+    its own output too: the cached decoders feed one position early and never read it."""
     seq = torch.arange(logits.shape[1], device=logits.device)
-    source = seq[None, :] - (position_ids.to(logits.device) > 0).long()
+    source = (seq[None, :] - (position_ids.to(logits.device) > 0).long()).clamp_min(0)
     index = source.reshape(source.shape + (1,) * (logits.dim() - 2)).expand_as(logits)
     return logits.gather(1, index)

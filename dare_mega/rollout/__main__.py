@@ -12,6 +12,8 @@ Each line of --prompts is {"prompt": "text"} (chat-templated by the checkpoint's
 {"prompt_ids": [ints]} (works without tokenizer files). --json writes one JSON line per completion with
 prompt_ids, completion_ids, text, finish_reason, logprobs and reveal_steps (one per completion token),
 forwards and the full trajectory (generated_*). DIR is an HF checkpoint or a dare_mega torch_dist one.
+Masked diffusion models (LLaDA, Dream) decode with Fast-dLLM's prefix KV cache (--masked-cache dual: its dual
+cache; both approximate, rollout/masked_cache.py) unless --no-cache.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 
 
 def parser() -> argparse.ArgumentParser:
+    from dare_mega.rollout.masked_cache import MASKED_CACHES
     from dare_mega.rollout.types import POLICIES
 
     p = argparse.ArgumentParser(prog="python -m dare_mega.rollout", description=__doc__,
@@ -45,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every step")
+    p.add_argument("--masked-cache", choices=MASKED_CACHES, default="prefix",
+                   help="masked diffusion (LLaDA, Dream): Fast-dLLM's approximate cache, unless --no-cache")
     p.add_argument("--batch-size", type=int, default=64, help="requests decoded together")
     p.add_argument("--json", help="write one JSON line per completion here")
     p.add_argument("--device", default=None)
@@ -105,6 +110,7 @@ def main(argv=None) -> int:
 
     from dare_mega.errors import DareMegaError
     from dare_mega.rollout.engine import NativeEngine
+    from dare_mega.rollout.masked_cache import cache_setting
     from dare_mega.rollout.types import SamplingParams
 
     try:
@@ -130,7 +136,7 @@ def main(argv=None) -> int:
             seeds = tuple(args.seed + i for i in mine)
             before = engine.stats["forwards"]
             batch = engine.generate([prompts[i] for i in mine], SamplingParams(**{**params.__dict__, "seeds": seeds}),
-                                    cache=not args.no_cache)
+                                    cache=cache_setting(not args.no_cache, args.masked_cache, engine.args))
             forwards += engine.stats["forwards"] - before
             batch = _gather(batch) if replicas > 1 else batch
             completions += batch
@@ -154,7 +160,7 @@ def main(argv=None) -> int:
         print(f"[{i}] ({c.finish_reason}, {len(c.completion_ids)} tokens, {c.forwards} forwards) {c.text!r}")
     print(f"summary: {len(completions)} completions, {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.1f} "
           f"tokens/s, {forwards} batched forwards = {forwards / max(tokens, 1):.3f} forwards per token, "
-          f"{'no cache' if args.no_cache else 'block KV cache'}, policy {params.policy}")
+          f"cache {cache_setting(not args.no_cache, args.masked_cache, engine.args)}, policy {params.policy}")
     return 0
 
 

@@ -10,8 +10,8 @@ iteration, each at its own block; finished ones leave the batch.
 Masked diffusion models (LLaDA: `diffusion.attention == "full"`) decode semi-autoregressively as LLaDA's
 generate() does: the canvas is the prompt and max_new_tokens masks in whole blocks counted from the end of the
 prompt; every forward is the whole canvas with bidirectional attention (the later blocks still masked), and the
-current block's logits decide. There is no KV cache for them (their keys change with every step; Fast-dLLM's
-caches are approximations, not built).
+current block's logits decide. No KV cache is exact for them (every key changes with every step): `cache=True`
+gives them Fast-dLLM's prefix cache, `cache="dual"` its dual cache, both approximations (rollout/masked_cache.py).
 
 A backend provides `_block_logits` (the logits of each row's current block, from a forward of its whole
 prefix) and, for the cached loop, `_cached_forward` (a forward with the block KV cache of
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dare_mega.errors import ConfigError
+from dare_mega.rollout.masked_cache import cache_mode, run_masked_cached
 from dare_mega.rollout.policies import block_generator, denoise_step
 from dare_mega.rollout.types import Completion, SamplingParams, prompt_ids
 
@@ -50,6 +51,8 @@ class _Request:
     finish_reason: str = ""
     end: int = 0  # completion end (exclusive), positions
     text: str = ""
+    stop_end: int | None = None  # where the answer ends, once a stop is decoded (the request may go on)
+    stop_text: str = ""
 
 
 class BlockDecoder:
@@ -73,10 +76,12 @@ class BlockDecoder:
         raise NotImplementedError
 
     def _cached_forward(self, cache, slots: list[int], lengths, tokens, positions, new_mask, write,
-                        logits: bool):
+                        logits: bool, starts=None, width=None, replaced=None):
         """A forward with the block KV cache (diffusion/kv_cache.py): row j is request slots[j] (its cache row),
-        with lengths[j] cached positions; tokens / positions [B, T], new_mask [B, T, T], write [B, T]. Returns
-        float32 logits [B, T, vocab] on the CPU, or None when `logits` is False."""
+        with lengths[j] cached positions (but not those in replaced[j] = [start, stop), when given); tokens /
+        positions [B, T], new_mask [B, T, T], write [B, T]. Returns float32 logits [B, T, vocab] on the CPU (with
+        `starts` [B]: only [B, width, vocab], of tokens starts[j] .. starts[j] + width - 1), or None when `logits`
+        is False."""
         raise NotImplementedError
 
     def _another_forward(self, active: bool) -> bool:
@@ -90,16 +95,19 @@ class BlockDecoder:
     def encode(self, prompts) -> list[list[int]]:
         return [prompt_ids(p, self.tokenizer) for p in prompts]
 
-    def generate(self, prompts, params: SamplingParams = SamplingParams(), cache: bool = True) -> list[Completion]:
+    def generate(self, prompts, params: SamplingParams = SamplingParams(), cache: bool | str = True
+                 ) -> list[Completion]:
+        """`cache`: False (recompute every step), True (the family's cache: the exact block KV cache for block
+        diffusion, Fast-dLLM's prefix cache for masked diffusion), or "prefix" / "dual" (masked diffusion)."""
         params.check()
         if not prompts:
             raise ConfigError("generate: the prompt list is empty")
         self._full = self.args.diffusion.attention == "full"
-        if cache and self._full:
-            raise ConfigError(f"generate: {self.args.architecture} is a masked diffusion model (bidirectional "
-                              "attention over the whole canvas): its keys change with every step, so there is no "
-                              "exact KV cache; decode with cache=False (rollout.cache=false)")
-        if cache and not self.supports_cache:
+        mode = cache_mode(cache, self._full, self.args.architecture)
+        if mode == "block" and self.args.diffusion.shifted_logits:  # a block's first token is a cached output's
+            raise ConfigError(f"generate: {self.args.architecture} predicts shifted tokens; the block KV cache "
+                              "does not support that; decode with cache=False")
+        if mode and not self.supports_cache:
             raise ConfigError(f"generate: {type(self).__name__} does not implement the block KV cache yet; decode "
                               "with cache=False (rollout.cache=false)")
         prompt_ids = self.encode(prompts)
@@ -129,8 +137,10 @@ class BlockDecoder:
             seed = params.seeds[i] if params.seeds else (None if params.seed is None else params.seed + i)
             requests.append(_Request(i, list(ids), canvas, limit, seed))
         start = time.perf_counter()
-        if cache:
+        if mode == "block":
             self._run_cached(requests, block, steps, stop_ids, params)
+        elif mode:
+            run_masked_cached(self, requests, block, steps, stop_ids, params, mode)
         else:
             self._run_uncached(requests, block, steps, stop_ids, params)
         self.stats["seconds"] += time.perf_counter() - start
@@ -254,14 +264,28 @@ class BlockDecoder:
         r.step += 1
 
     def _check_stop(self, r: _Request, block: int, stop_ids: set[int], params) -> None:
-        """After a block is fully decoded: stop token, stop string, or max_new_tokens."""
+        """After a block is fully decoded: stop token, stop string, or max_new_tokens. A request whose stop
+        comes early keeps decoding its later blocks when `params.stop_early` says so (masked diffusion by
+        default: LLaDA's generate fills the whole canvas and DARE trains on all of it); its answer still ends
+        at the stop."""
+        if r.stop_end is None:
+            r.stop_end, r.stop_text = self._find_stop(r, block, stop_ids, params)
+        early = params.stop_early if params.stop_early is not None else not self._full
+        if r.stop_end is not None and early:
+            r.done, r.finish_reason, r.end, r.text = True, "stop", r.stop_end, r.stop_text
+        elif r.block_start + block >= r.limit:
+            r.done, r.finish_reason = True, "stop" if r.stop_end is not None else "length"
+            r.end, r.text = (r.stop_end, r.stop_text) if r.stop_end is not None else (r.limit, "")
+
+    def _find_stop(self, r: _Request, block: int, stop_ids: set[int], params) -> tuple[int | None, str]:
+        """(end of the answer, its text when a stop string cut it) at the first stop in what is decoded so far,
+        or (None, "")."""
         block_end = r.block_start + block
         start = len(r.prompt)
         region = r.canvas[start:block_end].tolist()
         for k, token in enumerate(region):
             if token in stop_ids and start + k < r.limit:
-                r.done, r.finish_reason, r.end = True, "stop", start + k + 1
-                return
+                return start + k + 1, ""
         if params.stop:
             upto = min(block_end, r.limit)
             text = self.tokenizer.decode(r.canvas[start:upto].tolist(), skip_special_tokens=False)
@@ -271,10 +295,8 @@ class BlockDecoder:
                 for end in range(start + 1, upto + 1):  # the fewest tokens whose text reaches the stop string
                     if len(self.tokenizer.decode(r.canvas[start:end].tolist(), skip_special_tokens=False)) > cut:
                         break
-                r.done, r.finish_reason, r.end, r.text = True, "stop", end, text[:cut]
-                return
-        if block_end >= r.limit:
-            r.done, r.finish_reason, r.end = True, "length", r.limit
+                return end, text[:cut]
+        return None, ""
 
     def _completion(self, r: _Request, block: int) -> Completion:
         start = len(r.prompt)

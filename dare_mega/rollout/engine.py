@@ -117,8 +117,15 @@ class NativeEngine(BlockDecoder):
         index = starts.to(logits.device)[:, None] + torch.arange(width, device=logits.device)
         return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])).cpu()
 
-    def _cached_forward(self, cache, slots, lengths, tokens, positions, new_mask, write, logits):
+    def _cached_forward(self, cache, slots, lengths, tokens, positions, new_mask, write, logits, starts=None,
+                        width=None, replaced=None):
         dev = self.device
-        cached = CachedBlocks(cache, torch.tensor(slots), lengths, positions, new_mask, write).to(dev)
+        cached = CachedBlocks(cache, torch.tensor(slots), lengths, positions, new_mask, write,
+                              replaced=replaced).to(dev)
         out = self.model(tokens.to(dev), positions.to(dev), new_mask.to(dev), cached=cached, logits=logits)
-        return out.cpu() if logits else None
+        if not logits:
+            return None
+        if starts is not None:  # only the window comes back to the CPU (masked diffusion feeds whole canvases)
+            index = starts.to(out.device)[:, None] + torch.arange(width, device=out.device)
+            out = out.gather(1, index[..., None].expand(-1, -1, out.shape[-1]))
+        return out.cpu()

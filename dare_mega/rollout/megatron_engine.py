@@ -14,6 +14,8 @@ mask is a `CachedBlocks` (diffusion/kv_cache.py) that Megatron hands, sliced per
 attention of every layer (models/spec.py), which attends to its rows' cached keys and writes the committing
 tokens' keys and values, with the local heads only (tensor parallelism) and on the stage that owns the layer
 (pipeline parallelism): the native engine's cached loop (rollout/decoder.py) and attention rule, on shards.
+Masked diffusion models take Fast-dLLM's prefix or dual cache the same way (rollout/masked_cache.py: the same
+loop and `CachedBlocks`, with the dual cache's replaced block, and Dream's shift in the model's last stage).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class MegatronEngine(BlockDecoder):
         # only expert-parallel all-to-alls span replicas; without them each replica decodes on its own
         self.across_replicas = bool(runner.args.moe) and ps.get_expert_model_parallel_world_size() > 1
 
-    def generate(self, prompts, params=None, cache: bool = True):
+    def generate(self, prompts, params=None, cache: bool | str = True):
         """As BlockDecoder.generate; a replica with no prompts this round (`[]`) still runs its share of the
         other replicas' forwards and returns []."""
         from dare_mega.rollout.types import SamplingParams
@@ -65,7 +67,8 @@ class MegatronEngine(BlockDecoder):
         starts = torch.cat([starts, torch.zeros(extra, dtype=starts.dtype)])
         return self._logits(Batch(tokens, positions, mask[:, None]), starts, width)[:rows]
 
-    def _cached_forward(self, cache, slots, lengths, tokens, positions, new_mask, write, logits):
+    def _cached_forward(self, cache, slots, lengths, tokens, positions, new_mask, write, logits, starts=None,
+                        width=None, replaced=None):
         rows, length = tokens.shape
         tokens, positions, new_mask, extra = self._padded(tokens, positions, new_mask)
         pad_cols = tokens.shape[1] - length
@@ -74,9 +77,13 @@ class MegatronEngine(BlockDecoder):
         slots = torch.tensor(list(slots) + [cache.rows - 1] * extra)
         lengths = torch.cat([lengths, torch.zeros(extra, dtype=lengths.dtype)])
         write = torch.nn.functional.pad(write, (0, pad_cols, 0, extra), value=False)
-        blocks = CachedBlocks(cache, slots, lengths, positions, new_mask, write)
-        out = self._logits(Batch(tokens, positions, blocks), torch.zeros(rows + extra, dtype=torch.long),
-                           length if logits else 1)
+        if replaced is not None:
+            replaced = torch.cat([replaced, torch.zeros(extra, 2, dtype=replaced.dtype)])
+        blocks = CachedBlocks(cache, slots, lengths, positions, new_mask, write, replaced=replaced)
+        if starts is None:
+            starts, width = torch.zeros(rows, dtype=torch.long), length
+        out = self._logits(Batch(tokens, positions, blocks), torch.cat([starts, torch.zeros(extra, dtype=torch.long)]),
+                           width if logits else 1)
         return out[:rows] if logits else None
 
     def _logits(self, batch: Batch, starts, width):

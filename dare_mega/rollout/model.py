@@ -156,11 +156,11 @@ class InferenceModel(torch.nn.Module):
 
         With `cached` (diffusion/kv_cache.py), every new token also sees its row's cached positions, and the
         tokens it marks write their keys and values. Returns float32 logits [B, T, vocab], or None when
-        `logits` is False; for a shifted-prediction model (Dream) the logits of token i at position i."""
+        `logits` is False; for a shifted-prediction model (Dream) the logits of token i at position i, where the
+        first new token's (its predecessor may be cached) are its own output: a caller that needs them feeds one
+        position earlier (rollout/masked_cache.py)."""
         a = self.args
         shifted = a.diffusion is not None and a.diffusion.shifted_logits
-        if shifted and cached is not None:  # the first new token's logits would be a cached position's output
-            raise ValueError(f"{a.architecture}: shifted logits with a KV cache are not implemented")
         x = self.w("embedding.word_embeddings.weight")[tokens]
         for layer in range(a.num_layers):
             L = f"decoder.layers.{layer}"

@@ -35,6 +35,11 @@ class SamplingParams:
     # of the choice of positions (0: the most confident; > 0: drawn from softmax(confidence / alg_temp))
     eps: float = 1e-3
     alg_temp: float = 0.0
+    # a request whose stop (token or string) is decoded: end after that block (True), or decode every block to
+    # max_new_tokens with the answer still ending at the stop (False); None: the family's way, True for block
+    # diffusion, False for masked diffusion (LLaDA's generate fills its canvas; DARE's LLaDA / Dream rollouts
+    # train on every position of it)
+    stop_early: bool | None = None
 
     def check(self) -> None:
         if self.policy not in POLICIES:

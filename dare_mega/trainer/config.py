@@ -44,6 +44,10 @@ class DataSection:
     packing: str = field(default="in_order", metadata=choices("in_order", "ffd"))
     shuffle: bool = True
     synthetic_samples: int = 512
+    # pad every sample (prompt + response) with the family's end-of-text/pad id to this many tokens, the padding
+    # masked and trained like the response (LLaDA's SFT: responses padded with EOS to a fixed length); 0: only to
+    # the block grid. Longer samples are data.overlong's.
+    pad_to: int = 0
 
 
 @dataclass
@@ -52,6 +56,9 @@ class LossSection:
     eps: float = 1e-3  # SDAR / masked diffusion: mask rate p = (1 - eps) t + eps
     t_min: float | None = None  # default: 0 (SDAR, masked diffusion) or 0.3 (LLaDA2)
     t_max: float | None = None  # default: 1 (SDAR, masked diffusion) or 0.8 (LLaDA2)
+    # the loss's normaliser over the global batch: auto (the objective's: answer lengths for sdar_block, masked
+    # tokens for llada2_block and for masked_diffusion, as DARE's LLaDA / Dream trainers), answer, masked
+    normalize: str = field(default="auto", metadata=choices("auto", "answer", "masked"))
 
 
 @dataclass
@@ -143,6 +150,9 @@ class SFTConfig:
                 raise ConfigError(f"{source}: loss.{key}={value} must be within [0, 1]")
         if not 0 < self.loss.eps < 1:
             raise ConfigError(f"{source}: loss.eps={self.loss.eps} must be within (0, 1)")
+        if not 0 <= self.data.pad_to <= self.data.token_budget:
+            raise ConfigError(f"{source}: data.pad_to={self.data.pad_to} must be within [0, data.token_budget="
+                              f"{self.data.token_budget}] (a padded sample must fit a row)")
         self.plan.check(source)
 
 
@@ -180,6 +190,9 @@ class RolloutSection:
     top_k: int = 0
     top_p: float = 1.0
     cache: bool = True
+    # masked diffusion (LLaDA, Dream) with cache=true: Fast-dLLM's approximate KV cache, prefix (DARE's use_cache)
+    # or dual; none decodes them uncached (rollout/masked_cache.py). Block diffusion's cache is exact: not affected
+    masked_cache: str = field(default="prefix", metadata=choices("none", "prefix", "dual"))
     # native: a plain-PyTorch copy per process; megatron: the trainer's own shards (no copy, no sync);
     # sglang: see the sglang section
     backend: str = field(default="native", metadata=choices("native", "megatron", "sglang"))

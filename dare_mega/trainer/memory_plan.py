@@ -11,7 +11,8 @@ gradients        the matching fp32 gradient buffers (grad_reduce_in_fp32)
 optimizer_state  the distributed optimizer's shard of each buffer: Adam's two fp32 moments per element, and
                  for bf16 models the fp32 main parameters (fp32 models update the parameter buffer in place)
 activations      what the backward keeps for the micro-batches in flight on the stage (two-stream rows:
-                 2 x tokens per stream), with train.recompute applied; an estimate, see `layer_activations`
+                 2 x tokens per stream; masked diffusion's single stream: 1 x), with train.recompute applied;
+                 an estimate, see `layer_activations`
 logits           the last stage's logits of one micro-batch in the model's dtype and their fp32 copy
                  (vocab-parallel log-probs keep both)
 reference        the frozen reference model's parameters (RL with a KL term)
@@ -307,13 +308,14 @@ def plan(cfg, args, world: int, gpu_bytes: int, rl: bool, dtype: torch.dtype | N
     notes: list[str] = []
 
     prompt_tokens = cfg.plan.prompt_tokens if prompt_tokens is None else prompt_tokens
+    streams = 1 if args.diffusion.attention == "full" else 2  # masked diffusion trains on x_t alone
     if rl:
         row = prompt_tokens + cfg.rollout.max_new_tokens  # a row longer than pack_tokens is a sequence alone
-        tokens = 2 * max(cfg.train.pack_tokens, row) * cfg.train.micro_batch_size
+        tokens = streams * max(cfg.train.pack_tokens, row) * cfg.train.micro_batch_size
         micro_batches = 0  # the step's rows decide; the stage is assumed full
         recompute = cfg.train.recompute
     else:
-        tokens, micro_batches, recompute = 2 * cfg.data.token_budget, cfg.train.micro_batches, cfg.train.recompute
+        tokens, micro_batches, recompute = streams * cfg.data.token_budget, cfg.train.micro_batches, cfg.train.recompute
 
     stages = []
     for pp_rank in range(layout.pp):
@@ -368,16 +370,20 @@ def rollout_parts(cfg, args, layout, dtype, replicas: int, n_layers: int, table,
     r, block = cfg.rollout, args.diffusion.block_size
     rows, length = rollout_rows(cfg, replicas), canvas(cfg, prompt_tokens, block)
     out = {"engine_weights": 0, "kv_cache": 0, "comm_buffers": 0}
-    decoded = rows * (block if r.cache else length)  # tokens of one decoding forward
+    full = args.diffusion.attention == "full"  # masked diffusion: Fast-dLLM's caches (or none)
+    cached = r.cache and not (full and r.masked_cache == "none")
+    # tokens of one decoding forward: a block with the block KV cache; the canvas without it, and at each block's
+    # first step of Fast-dLLM's caches (the uncached forward of the whole canvas refreshes them)
+    decoded = rows * (block if r.cache and not full else length)
     out["rollout_logits"] = decoded * args.vocab_size * 4
     if r.backend == "megatron":
         per_position = 2 * args.num_kv_heads // layout.tp * args.head_dim * itemsize
-        out["kv_cache"] = (rows + 1) * (length + block) * per_position * n_layers if r.cache else 0
+        out["kv_cache"] = (rows + 1) * (length + block) * per_position * n_layers if cached else 0
         out["rollout_logits"] //= layout.tp
     elif r.backend == "native":
         engine = engine_bytes(args, table, dtype, rows, length)
         out["engine_weights"] = engine.weights
-        out["kv_cache"] = engine.kv_cache if r.cache else 0
+        out["kv_cache"] = engine.kv_cache if cached else 0
         out["comm_buffers"] = 2 * min(r.sync_bucket_mb * 1024**2, engine.weights)
         notes.append("rollout.backend=native: the whole model and its KV cache on each data-parallel replica's "
                      "first rank (the worst GPU)")

@@ -76,13 +76,14 @@ def announce(job, before: dict) -> None:
 
     if job.env.is_main:
         a, args = job.cfg.algorithm, job.args
+        block_diffusion = args.diffusion.attention != "full"
         engine = type(job.engine).__name__
         if isinstance(job.engine, ReplicaEngine):  # rank 0 leads its replica
             engine = (f"{type(job.engine.engine).__name__}, one per data-parallel replica "
                       f"({dist.get_world_size(job.dp_group)} for {job.env.world_size} ranks)")
         print(f"rl: {args.architecture} at {job.inputs.layout.describe()} on {job.env.world_size} process(es); "
               f"task {job.cfg.task.name} ({job.inputs.sandboxes}), estimator "
-              f"{job.estimator.describe(block_diffusion=True)}; likelihood {a.likelihood}; "
+              f"{job.estimator.describe(block_diffusion=block_diffusion)}; likelihood {a.likelihood}; "
               f"routing replay {a.routing_replay if args.moe else 'n/a (dense)'}; "
               f"rollouts on {engine}; held-out accuracy {before}; starting at step {job.start}",
               flush=True)

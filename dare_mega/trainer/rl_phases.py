@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dare_mega.config import to_dict
+from dare_mega.rollout.masked_cache import cache_setting
 from dare_mega.trainer.config import RLConfig
 
 EPOCH_SEED_STRIDE = 1_000_000_000_039  # epoch e's noise: seeds shifted past every (step, sample) of a run
@@ -79,7 +80,8 @@ def evaluate(job) -> dict:
                           max_new_tokens=cfg.eval.max_new_tokens)
         if not wanted and not getattr(engine, "lockstep", False):
             return 0.0
-        completions = engine.generate([r["prompt"] for r in wanted], params, cache=cfg.rollout.cache)
+        completions = engine.generate([r["prompt"] for r in wanted], params,
+                                      cache=cache_setting(cfg.rollout.cache, cfg.rollout.masked_cache, job.args))
         if not wanted or not is_scorer():
             return 0.0
         return sum(o.score for o in score_records([c.text for c in completions], wanted, cfg.reward))
@@ -145,7 +147,7 @@ def rollout(job, step: int, round_: int = 0, drawn: set[int] | None = None) -> R
     completions = []
     if requests or getattr(job.engine, "lockstep", False):  # lockstep engines decode together, even idle
         completions = job.engine.generate([r["prompt"] for r in requests], sampling(cfg, seeds),
-                                          cache=cfg.rollout.cache)
+                                          cache=cache_setting(cfg.rollout.cache, cfg.rollout.masked_cache, job.args))
     return Rollout(step, requests, completions, first)
 
 
@@ -239,8 +241,9 @@ def advantages(job, batch: Rollout, scored: Scored) -> StepBatch:
     rewards = scored.rewards
     adv = group_advantages(rewards, [k // n for k in range(len(batch.requests))], a.advantage, a.std_normalize,
                            std=a.std, group_of_one=a.group_of_one)
+    masked = job.args.diffusion.attention == "full"  # blocks counted from the end of the prompt
     samples = [Sample(c.prompt_ids, c.generated_ids, c.generated_reveal_steps, c.block_size, c.generated_logprobs,
-                      float(v)) for c, v in zip(batch.completions, adv)]
+                      float(v), masked_diffusion=masked) for c, v in zip(batch.completions, adv)]
     passed, tests, timeouts = scored.values[:, 1:].sum(0).tolist()
     totals = reduce_sums({"samples": len(samples), "tokens": sum(s.length for s in samples),
                           "reward": float(rewards.sum()), "reward_sq": float((rewards ** 2).sum()),

@@ -83,10 +83,10 @@ def check_inputs(cfg: RLConfig) -> Inputs:
     hf_dir = ensure_model_dir(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args, layout = preflight(cfg, hf_dir, world)
-    if args.diffusion.attention == "full":
-        # the estimators' rows are block diffusion's (two streams, block masks); LLaDA's are not built yet
-        raise ConfigError(f"algorithm.estimator={cfg.algorithm.estimator}: {args.architecture} ({hf_dir}) is a masked "
-                          "diffusion model; the RL estimators do not build its rows (full attention) yet")
+    if args.diffusion.attention == "full" and not ESTIMATORS[cfg.algorithm.estimator].masked_diffusion:
+        raise ConfigError(f"algorithm.estimator={cfg.algorithm.estimator} is defined for block diffusion only; "
+                          f"{args.architecture} ({hf_dir}) is a masked diffusion model (full attention): use one of "
+                          + ", ".join(sorted(n for n, e in ESTIMATORS.items() if e.masked_diffusion)))
     check_plan(cfg, args, world, rl=True,
                prompt_tokens=longest_prompt(hf_dir, [r["prompt"] for r in train + heldout]))
     if cfg.algorithm.routing_replay == "rollout" and not args.moe:

@@ -95,7 +95,7 @@ def run(cfg: SFTConfig) -> dict:
     chunks = wrap_for_training(chunks, distributed_optimizer=True)
     optimizer, scheduler = build_optimizer(cfg, chunks, dtype)
     runner = Runner(chunks, args)
-    obj = objective(cfg.loss.name, args.family, cfg.loss.eps, cfg.loss.t_min, cfg.loss.t_max)
+    obj = objective(cfg.loss.name, args.family, cfg.loss.eps, cfg.loss.t_min, cfg.loss.t_max, cfg.loss.normalize)
 
     ckpt_dir = checkpoint_dir(cfg)
     start_step, data_state = resume(cfg, chunks, optimizer, scheduler)

@@ -6,9 +6,12 @@ An estimator (one file in this folder, registered with `@register`) declares:
   the sampling log-probs, for importance correction), and `uses_old` (whether its loss compares with the
   policy that sampled: the trainer's forward-only old-log-prob pass); `random_rows` (whether its rows are
   noise: each epoch over a rollout then draws fresh noise);
-- `rows(samples, generators)`: the two-stream [x_t ; x_0] rows of sample i drawn from generators[i] only
-  (seeded per sample by the trainer, so the noise does not depend on how samples are split over ranks;
-  never a global seed);
+- `rows(samples, generators)`: the noisy and clean rows of sample i drawn from generators[i] only (seeded per
+  sample by the trainer, so the noise does not depend on how samples are split over ranks; never a global
+  seed); the trainer lays them out as two-stream [x_t ; x_0] rows (block diffusion) or as x_t alone with
+  bidirectional attention (masked diffusion, `Sample.masked_diffusion`);
+- `masked_diffusion`: whether it is defined on masked-diffusion models (full attention); one that is not is
+  refused by name before the run starts;
 - `quantities(logp, plan)`: plain differentiable torch over the [rows, length] log-probs: per token ("token"
   level) or per sequence;
 - `loss(q, q_old, samples, cfg, totals, q_ref, q_rollout)`: this rank's share of the global loss (the sum over
@@ -32,7 +35,10 @@ def register(cls):
 
 @dataclass
 class Sample:
-    """One completion as the trainer sees it: the prompt, every decoded token and its reveal step."""
+    """One completion as the trainer sees it: the prompt, every decoded token and its reveal step (within its
+    block). `masked_diffusion`: the model attends to the whole sequence (LLaDA, Dream) and its blocks are
+    counted from the end of the prompt, as their semi-autoregressive decoding counts them; otherwise blocks
+    are on the global grid from position 0 (block diffusion)."""
 
     prompt_ids: list[int]
     generated_ids: list[int]
@@ -40,6 +46,7 @@ class Sample:
     block_size: int
     rollout_logprobs: list[float] | None = None
     advantage: float = 0.0
+    masked_diffusion: bool = False
 
     @property
     def prompt_len(self) -> int:
@@ -56,11 +63,17 @@ class Sample:
         """Positions (in the full sequence) of the response."""
         return list(range(self.prompt_len, self.prompt_len + self.length))
 
+    def block_of(self, position: int) -> int:
+        """The block index of a position: on the global grid (block diffusion) or counted from the end of the
+        prompt (masked diffusion)."""
+        origin = self.prompt_len if self.masked_diffusion else 0
+        return (position - origin) // self.block_size
+
     def blocks(self) -> list[list[int]]:
-        """Positions (in the full sequence) of the response, grouped by the global block grid."""
+        """Positions (in the full sequence) of the response, grouped by block (`block_of`)."""
         groups: dict[int, list[int]] = {}
         for p in self.response():
-            groups.setdefault(p // self.block_size, []).append(p)
+            groups.setdefault(self.block_of(p), []).append(p)
         return list(groups.values())
 
 
@@ -133,6 +146,7 @@ class Estimator:
     uses_old = True
     random_rows = True
     supports_kl = True
+    masked_diffusion = True  # defined on masked-diffusion models (their rows are x_t alone, full attention)
     default_kl = "k3"  # the KL estimator when algorithm.kl_kind is auto
 
     def __init__(self, mask_token_id: int, options=None):

@@ -40,6 +40,9 @@ class EBPO(Estimator):
     name = "ebpo"
     level = "sequence"
     Options = EBPOOptions
+    # one noise level per block is block diffusion's ELBO; on a model that sees the whole sequence the blocks'
+    # masks condition each other and the sum is no ELBO of it (DARE runs EBPO on SDAR and LLaDA2 only)
+    masked_diffusion = False
 
     def describe(self, block_diffusion: bool) -> str:
         return "ebpo: composite ELBO over %d stratified per-block masks per sample" % self.options.mc
