@@ -103,17 +103,37 @@ def tiny_dir(tmp_path_factory):
     }
 
 
+# the main-job examples, run as they are (no variables but RUN_DIR), and the extra arguments and variables their
+# tests give them
+EXAMPLES = {"rl_sdar_moe": ([], {}), "rl_llada": (["logging.progress=false"], {"ALGO": "trajectory"}),
+            "rl_dream": (["logging.progress=false"], {"ALGO": "d1"})}
+
+
 @pytest.fixture(scope="session")
-def example_run(tmp_path_factory):
-    """`bash examples/rl_sdar_moe.sh` with no variables but RUN_DIR: SFT warm-up then RL on the tiny SDAR-MoE, run
-    once per session. Its SFT checkpoint (run_dir/sft/checkpoints/step_*) is the warm model of the RL and Ray
-    tests, which need non-zero rewards and gradients."""
-    run_dir = tmp_path_factory.mktemp("example")
-    env = clean_env(RUN_DIR=str(run_dir), MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2")
-    proc = subprocess.run(["bash", "examples/rl_sdar_moe.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return run_dir, proc.stdout
+def examples(tmp_path_factory):
+    """`bash examples/<name>.sh` for each of EXAMPLES: SFT warm-up then RL on a tiny preset, run once per
+    session, all at once (each is one process with one thread: on 2 cores three of them take about as long as
+    the longest alone). {name: (run_dir, stdout)}. The default example's SFT checkpoint
+    (run_dir/sft/checkpoints/step_*) is the warm model of the RL and Ray tests, which need non-zero rewards and
+    gradients."""
+    started = {}
+    for name, (arguments, variables) in EXAMPLES.items():
+        run_dir = tmp_path_factory.mktemp(name)
+        env = clean_env(RUN_DIR=str(run_dir), MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", **variables)
+        started[name] = (run_dir, subprocess.Popen(["bash", f"examples/{name}.sh", *arguments], cwd=REPO, env=env,
+                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = {}
+    for name, (run_dir, proc) in started.items():
+        stdout, stderr = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, f"examples/{name}.sh:\n" + stdout[-3000:] + stderr[-6000:]
+        out[name] = (run_dir, stdout)
+    return out
+
+
+@pytest.fixture(scope="session")
+def example_run(examples):
+    """The default example (`bash examples/rl_sdar_moe.sh`): (run_dir, stdout)."""
+    return examples["rl_sdar_moe"]
 
 
 def warm_checkpoint(example) -> str:

@@ -68,8 +68,8 @@ def test_wire_format_reductions_and_defaults_are_sglangs(tmp_path):
     for arch, pair in got["dllm_defaults"].items():
         assert pair["sglang"] == pair["registry"], arch
     assert set(got["dllm_defaults"]) == {"SDARForCausalLM", "SDARMoeForCausalLM", "LLaDA2MoeModelLM", "LLaDAModelLM",
-                                         "DreamModel"}
-    for arch in ("LLaDAModelLM", "DreamModel"):  # not SGLang dLLMs: refused as such
+                                         "DreamModel", "LLaDAMoEModelLM"}
+    for arch in ("LLaDAModelLM", "DreamModel", "LLaDAMoEModelLM"):  # not SGLang dLLMs: refused as such
         assert got["dllm_defaults"][arch]["sglang"] is None, arch
     launch = got["launch_command"]
     assert launch["launcher"] == ["-m", "dare_mega.rollout.sglang_server"] and launch["model_path"]

@@ -48,6 +48,7 @@ def run_case(spec, env) -> list[dict]:
     records = [{"prompt": f"q{i}", "answer": "1", "_reward": "arithmetic"} for i in range(spec["prompts"])]
     engine = ScriptedEngine(spec.get("hard", False))
     job = SimpleNamespace(cfg=cfg, inputs=SimpleNamespace(train=records), engine=engine,
+                          args=SimpleNamespace(diffusion=SimpleNamespace(attention="block_diffusion")),
                           dp_rank=ps.get_data_parallel_rank(), dp_group=ps.get_data_parallel_group(),
                           env=SimpleNamespace(device=torch.device("cpu"), is_main=env.is_main))
     steps = []

@@ -9,62 +9,25 @@ under mlp. `{layer}` and `{expert}` are global indices.
 from __future__ import annotations
 
 from dare_mega.models.args import ModelArgs
-from dare_mega.models.weight_mapping import HF, GatedFC1, GroupedQKV, MappingTable, Replicated, RowParallel, VocabRows
+from dare_mega.models.sdar.mapping import sdar_rows
+from dare_mega.models.weight_mapping import HF, GatedFC1, MappingTable, RowParallel
 
 L = "decoder.layers.{layer}"
-H = "model.layers.{layer}"
 
 
 def llada_moe_rows(args: ModelArgs) -> list:
-    rows = [
-        VocabRows("embedding.word_embeddings.weight", (HF("model.embed_tokens.weight", ("vocab", "hidden")),)),
-        Replicated("decoder.final_layernorm.weight", (HF("model.norm.weight", ("hidden",)),)),
-        VocabRows(
-            "output_layer.weight",
-            (HF("model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight", ("vocab", "hidden")),),
-        ),
-        Replicated(f"{L}.input_layernorm.weight", (HF(f"{H}.input_layernorm.weight", ("hidden",)),), scope="layer"),
-        GroupedQKV(
-            f"{L}.self_attention.linear_qkv.weight",
-            (HF(f"{H}.self_attn.q_proj.weight", ("q", "hidden")), HF(f"{H}.self_attn.k_proj.weight", ("kv", "hidden")),
-             HF(f"{H}.self_attn.v_proj.weight", ("kv", "hidden"))),
-            scope="layer",
-        ),
-        RowParallel(f"{L}.self_attention.linear_proj.weight", (HF(f"{H}.self_attn.o_proj.weight", ("hidden", "q")),),
-                    scope="layer"),
-        Replicated(f"{L}.pre_mlp_layernorm.weight", (HF(f"{H}.post_attention_layernorm.weight", ("hidden",)),),
-                   scope="layer"),
-        # the dense layers (moe_layer_freq 0)
-        GatedFC1(f"{L}.mlp.linear_fc1.weight",
-                 (HF(f"{H}.mlp.gate_proj.weight", ("ffn", "hidden")), HF(f"{H}.mlp.up_proj.weight", ("ffn", "hidden"))),
-                 scope="dense"),
-        RowParallel(f"{L}.mlp.linear_fc2.weight", (HF(f"{H}.mlp.down_proj.weight", ("hidden", "ffn")),), scope="dense"),
-        # the MoE layers: softmax router (no bias), routed experts
-        Replicated(f"{L}.mlp.router.weight", (HF(f"{H}.mlp.gate.weight", ("experts", "hidden")),), scope="moe"),
-        GatedFC1(
-            f"{L}.mlp.experts.local_experts.{{expert}}.linear_fc1.weight",
-            (HF(f"{H}.mlp.experts.{{expert}}.gate_proj.weight", ("expert_ffn", "hidden")),
-             HF(f"{H}.mlp.experts.{{expert}}.up_proj.weight", ("expert_ffn", "hidden"))),
-            scope="moe", expert=True,
-        ),
-        RowParallel(f"{L}.mlp.experts.local_experts.{{expert}}.linear_fc2.weight",
-                    (HF(f"{H}.mlp.experts.{{expert}}.down_proj.weight", ("hidden", "expert_ffn")),), scope="moe",
-                    expert=True),
-    ]
-    if args.qk_norm:
-        rows += [
-            Replicated(f"{L}.self_attention.q_layernorm.weight", (HF(f"{H}.self_attn.q_norm.weight", ("head_dim",)),),
-                       scope="layer"),
-            Replicated(f"{L}.self_attention.k_layernorm.weight", (HF(f"{H}.self_attn.k_norm.weight", ("head_dim",)),),
-                       scope="layer"),
-        ]
+    """The SDAR-MoE rows (OLMoE and Qwen3-MoE name every shared tensor alike), the q / k norms only with
+    qk_layernorm, and the optional shared expert, which OLMoE keeps on the layer (`shared_expert.*`)."""
+    qk_norms = (f"{L}.self_attention.q_layernorm.weight", f"{L}.self_attention.k_layernorm.weight")
+    rows = [row for row in sdar_rows(args) if args.qk_norm or row.megatron not in qk_norms]
     if args.moe.shared_expert_ffn_hidden_size:
+        h = "model.layers.{layer}.shared_expert"
         rows += [
             GatedFC1(f"{L}.mlp.shared_experts.linear_fc1.weight",
-                     (HF(f"{H}.shared_expert.gate_proj.weight", ("shared_ffn", "hidden")),
-                      HF(f"{H}.shared_expert.up_proj.weight", ("shared_ffn", "hidden"))), scope="moe"),
+                     (HF(f"{h}.gate_proj.weight", ("shared_ffn", "hidden")),
+                      HF(f"{h}.up_proj.weight", ("shared_ffn", "hidden"))), scope="moe"),
             RowParallel(f"{L}.mlp.shared_experts.linear_fc2.weight",
-                        (HF(f"{H}.shared_expert.down_proj.weight", ("hidden", "shared_ffn")),), scope="moe"),
+                        (HF(f"{h}.down_proj.weight", ("hidden", "shared_ffn")),), scope="moe"),
         ]
     return rows
 
