@@ -26,7 +26,7 @@ def llada(tiny_dir):
     return NativeEngine.from_pretrained(tiny_dir["llada"], tokenizer=False), reference_model(tiny_dir["llada"])
 
 
-def direct_generate(model, prompt, new_tokens, block, steps, mask_id, policy, seed):
+def direct_generate(model, prompt, new_tokens, block, steps, mask_id, policy, seed, confidence_of="raw"):
     """LLaDA's generate() at temperature 0, one request, stated plainly: (generated ids, reveal step of each)."""
     p = len(prompt)
     blocks = -(-new_tokens // block)
@@ -41,10 +41,14 @@ def direct_generate(model, prompt, new_tokens, block, steps, mask_id, policy, se
         for i in range(steps):
             with torch.no_grad():
                 logits = model(x[None], torch.arange(n)[None], torch.ones(1, 1, n, n, dtype=torch.bool)).logits[0]
-            logits = logits[s0:s1].float()
+            raw = logits[s0:s1].float()
+            logits = raw.clone()
             logits[:, mask_id] = float("-inf")  # the engine never reveals the mask token itself
             x0 = logits.argmax(-1)
-            confidence = torch.softmax(logits, -1).gather(-1, x0[:, None])[:, 0].double()
+            if confidence_of == "raw":  # LLaDA's: softmax of the raw logits in float64, the mask id included
+                confidence = torch.softmax(raw.double(), -1).gather(-1, x0[:, None])[:, 0]
+            else:  # the distribution the token was drawn from (the mask id excluded)
+                confidence = torch.softmax(logits, -1).gather(-1, x0[:, None])[:, 0].double()
             torch.rand(block, generator=generator)  # the engine's fixed draw per step, greedy or not
             if policy == "random_static":
                 confidence = torch.rand(block, generator=generator, dtype=torch.float64)
@@ -61,17 +65,20 @@ def direct_generate(model, prompt, new_tokens, block, steps, mask_id, policy, se
     return x[p:].tolist(), revealed_at
 
 
-@pytest.mark.parametrize("policy", ["low_confidence_static", "random_static"])
+@pytest.mark.parametrize("policy, confidence", [("low_confidence_static", None), ("random_static", None),
+                                                ("low_confidence_static", "sampling")])
 @pytest.mark.parametrize("steps", [8, 3])
-def test_the_engine_decodes_as_llada_generate(llada, policy, steps):
+def test_the_engine_decodes_as_llada_generate(llada, policy, confidence, steps):
+    """LLaDA's family default ranks by the raw logits' softmax (confidence=None: "raw"); "sampling" ranks by the
+    distribution the token was drawn from."""
     engine, reference = llada
     args = engine.args
     params = SamplingParams(max_new_tokens=13, temperature=0.0, policy=policy, steps=steps, seeds=(1, 2, 3),
-                            stop_token_ids=())
+                            stop_token_ids=(), confidence=confidence)
     completions = engine.generate(PROMPTS, params, cache=False)
     for prompt, seed, c in zip(PROMPTS, (1, 2, 3), completions):
         ids, steps_of = direct_generate(reference, prompt, 13, args.diffusion.block_size, steps,
-                                        args.diffusion.mask_token_id, policy, seed)
+                                        args.diffusion.mask_token_id, policy, seed, confidence or "raw")
         assert c.generated_ids == ids and c.generated_reveal_steps == steps_of
         assert c.completion_ids == ids[:13] and len(ids) == 16  # two blocks of 8 after the prompt
     assert completions[0].forwards == 2 * steps
@@ -89,7 +96,7 @@ def test_dream_decodes_by_the_same_rule_on_its_shifted_logits(tiny_dir):
                             seeds=(1, 2, 3), stop_token_ids=())
     for prompt, seed, c in zip(PROMPTS, (1, 2, 3), engine.generate(PROMPTS, params, cache=False)):
         ids, steps_of = direct_generate(reference, prompt, 13, args.diffusion.block_size, 3,
-                                        args.diffusion.mask_token_id, "low_confidence_static", seed)
+                                        args.diffusion.mask_token_id, "low_confidence_static", seed, "sampling")
         assert c.generated_ids == ids and c.generated_reveal_steps == steps_of
 
 
@@ -280,3 +287,28 @@ def test_dream_transfer_counts_follow_the_timestep_schedule():
             t, s = 1 - i * (1 - 1e-3) / steps, 1 - (i + 1) * (1 - 1e-3) / steps
             assert abs(float(dream_transfer_fraction(i, steps, 1e-3)) - (1 - s / t)) < 1e-6
     assert int(8 * dream_transfer_fraction(0, 4, 1e-3)) == 1  # 8 * 0.24975 = 1.998: Dream truncates
+
+
+def test_the_confidence_rule_is_the_familys_unless_asked(llada, tiny_dir):
+    """confidence=None is the family's (raw for LLaDA, as its generate; sampling for Dream); the two rules rank
+    differently at temperature > 0; an unknown rule is refused by name, here and in the RL config."""
+    from dare_mega.config import load_config
+    from dare_mega.trainer.config import RLConfig
+    from dare_mega.trainer.rl_phases import sampling
+
+    engine, _ = llada
+    common = dict(max_new_tokens=13, temperature=0.7, policy="low_confidence_static", steps=3, seeds=(1, 2, 3),
+                  stop_token_ids=())
+    decode = {c: [(x.generated_ids, x.generated_reveal_steps)
+                  for x in engine.generate(PROMPTS, SamplingParams(**common, confidence=c), cache=False)]
+              for c in (None, "raw", "sampling")}
+    assert decode[None] == decode["raw"] != decode["sampling"]
+    dream = NativeEngine.from_pretrained(tiny_dir["dream"], tokenizer=False)
+    assert [x.generated_ids for x in dream.generate(PROMPTS, SamplingParams(**common), cache=False)] == \
+        [x.generated_ids for x in dream.generate(PROMPTS, SamplingParams(**common, confidence="sampling"), cache=False)]
+    with pytest.raises(ConfigError, match="confidence='logits'; expected one of sampling, raw"):
+        engine.generate(PROMPTS, SamplingParams(**{**common, "confidence": "logits"}))
+    assert sampling(load_config(RLConfig, None, []), [0]).confidence is None  # auto: the family's
+    assert sampling(load_config(RLConfig, None, ["rollout.confidence=raw"]), [0]).confidence == "raw"
+    with pytest.raises(ConfigError, match="rollout.confidence"):
+        load_config(RLConfig, None, ["rollout.confidence=logits"])

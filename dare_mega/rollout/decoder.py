@@ -22,12 +22,14 @@ Megatron backend: expert-parallel all-to-alls) keep replicas in step with `_anot
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from dare_mega.errors import ConfigError
+from dare_mega.models.family import family_named
 from dare_mega.rollout.masked_cache import cache_mode, run_masked_cached
 from dare_mega.rollout.policies import block_generator, denoise_step
 from dare_mega.rollout.types import Completion, SamplingParams, prompt_ids
@@ -102,6 +104,9 @@ class BlockDecoder:
         params.check()
         if not prompts:
             raise ConfigError("generate: the prompt list is empty")
+        if params.confidence is None:  # the family's way of ranking its low-confidence reveals
+            confidence = family_named(self.args.family).decoding.get("confidence", "sampling")
+            params = dataclasses.replace(params, confidence=confidence)
         self._full = self.args.diffusion.attention == "full"
         mode = cache_mode(cache, self._full, self.args.architecture)
         if mode == "block" and self.args.diffusion.shifted_logits:  # a block's first token is a cached output's

@@ -38,7 +38,9 @@ def sample_block(logits: torch.Tensor, params: SamplingParams, generator: torch.
     distribution), logprob [T] (log softmax(logits / T) of the token, untruncated; T = logprob_temperature
     when set), entropy [T].
 
-    `never` (the mask id) is never sampled: revealing a mask would leave the position masked."""
+    `never` (the mask id) is never sampled: revealing a mask would leave the position masked. With
+    `params.confidence == "raw"` the confidence is the token's probability under softmax(logits) over the whole
+    vocabulary, in float64, as LLaDA's generate ranks its low-confidence remasking."""
     temperature = params.temperature if params.temperature > 0 else 1.0
     scaled = logits / temperature
     log_probs = likelihood_log_probs(logits, params)
@@ -52,10 +54,12 @@ def sample_block(logits: torch.Tensor, params: SamplingParams, generator: torch.
         confidence = probs_full.gather(-1, tokens[:, None])[:, 0]
         if generator is not None:  # keep the draw count fixed per step, greedy or not
             torch.rand(logits.shape[0], generator=generator)
-        return tokens, confidence, log_probs.gather(-1, tokens[:, None])[:, 0], entropy
-    probs = torch.softmax(_top_p(_top_k(scaled, params.top_k), params.top_p), dim=-1)
-    tokens = _draw(probs, generator)
-    confidence = probs.gather(-1, tokens[:, None])[:, 0]
+    else:
+        probs = torch.softmax(_top_p(_top_k(scaled, params.top_k), params.top_p), dim=-1)
+        tokens = _draw(probs, generator)
+        confidence = probs.gather(-1, tokens[:, None])[:, 0]
+    if params.confidence == "raw":
+        confidence = torch.softmax(logits.double(), dim=-1).gather(-1, tokens[:, None])[:, 0]
     return tokens, confidence, log_probs.gather(-1, tokens[:, None])[:, 0], entropy
 
 

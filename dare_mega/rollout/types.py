@@ -10,6 +10,7 @@ POLICIES = ("low_confidence_static", "low_confidence_dynamic", "entropy_bounded"
             # Dream's diffusion_generate algorithms (its `alg`), on its timestep schedule
             "origin", "maskgit_plus", "topk_margin", "entropy")
 DREAM_POLICIES = ("origin", "maskgit_plus", "topk_margin", "entropy")
+CONFIDENCES = ("sampling", "raw")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,11 @@ class SamplingParams:
     # diffusion, False for masked diffusion (LLaDA's generate fills its canvas; DARE's LLaDA / Dream rollouts
     # train on every position of it)
     stop_early: bool | None = None
+    # the confidence the low-confidence policies rank by: the sampled token's probability under the distribution
+    # it was drawn from ("sampling": tempered, top-k / top-p filtered, the mask id excluded) or under the softmax
+    # of the raw logits over the whole vocabulary ("raw": LLaDA's generate, DARE's LLaDA rollouts); None: the
+    # family's (ModelFamily.decoding: raw for LLaDA and LLaDA-MoE, sampling for the others)
+    confidence: str | None = None
 
     def check(self) -> None:
         if self.policy not in POLICIES:
@@ -64,6 +70,8 @@ class SamplingParams:
             raise ConfigError(f"sampling: top_p={self.top_p} must be within (0, 1]")
         if not 0.0 < self.eps < 1.0:
             raise ConfigError(f"sampling: eps={self.eps} must be within (0, 1)")
+        if self.confidence is not None and self.confidence not in CONFIDENCES:
+            raise ConfigError(f"sampling: confidence={self.confidence!r}; expected one of {', '.join(CONFIDENCES)}")
         if self.alg_temp < 0:
             raise ConfigError(f"sampling: alg_temp={self.alg_temp} must be >= 0")
 

@@ -193,6 +193,9 @@ class RolloutSection:
     # masked diffusion (LLaDA, Dream) with cache=true: Fast-dLLM's approximate KV cache, prefix (DARE's use_cache)
     # or dual; none decodes them uncached (rollout/masked_cache.py). Block diffusion's cache is exact: not affected
     masked_cache: str = field(default="prefix", metadata=choices("none", "prefix", "dual"))
+    # what the low-confidence policies rank by: auto (the family's: raw logits for LLaDA and LLaDA-MoE, as
+    # LLaDA's generate and DARE's rollouts; the sampling distribution for the others), sampling, raw
+    confidence: str = field(default="auto", metadata=choices("auto", "sampling", "raw"))
     # native: a plain-PyTorch copy per process; megatron: the trainer's own shards (no copy, no sync);
     # sglang: see the sglang section
     backend: str = field(default="native", metadata=choices("native", "megatron", "sglang"))

@@ -47,7 +47,8 @@ def sampling(cfg: RLConfig, seeds, greedy: bool = False, max_new_tokens: int | N
     return SamplingParams(max_new_tokens=max_new_tokens or r.max_new_tokens, policy=r.policy, steps=r.steps,
                           threshold=r.threshold, temperature=0.0 if greedy else r.temperature, top_k=r.top_k,
                           top_p=r.top_p, alg_temp=r.alg_temp, eps=r.eps, seeds=tuple(seeds),
-                          logprob_temperature=likelihood_temperature(cfg))
+                          logprob_temperature=likelihood_temperature(cfg),
+                          confidence=None if r.confidence == "auto" else r.confidence)
 
 
 def bench_sampling(cfg: RLConfig):

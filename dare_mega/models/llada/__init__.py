@@ -40,7 +40,7 @@ LLADA = register(
         tiny_tokenizer=TINY_TOKENIZER,
         # LLaDA generate() in its examples: block length 32, one token per step (steps = generation length),
         # low-confidence remasking, temperature 0
-        decoding={"policy": "low_confidence_static", "temperature": 0.0},
+        decoding={"policy": "low_confidence_static", "temperature": 0.0, "confidence": "raw"},
         sglang_dllm=None,
     )
 )

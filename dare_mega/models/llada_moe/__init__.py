@@ -48,7 +48,7 @@ LLADA_MOE = register(
         tiny_tokenizer=TINY_TOKENIZER,
         # LLaDA's generate() (semi-autoregressive, low-confidence remasking, temperature 0), which LLaDA-MoE's
         # model card uses with block length 32
-        decoding={"policy": "low_confidence_static", "temperature": 0.0},
+        decoding={"policy": "low_confidence_static", "temperature": 0.0, "confidence": "raw"},
         sglang_dllm=None,  # SGLang 0.5.23 does not serve LLaDAMoEModelLM as a diffusion LLM
     )
 )
