@@ -452,6 +452,11 @@ def test_policy_gradient_is_the_exact_gradient_of_the_loss(setup, trainable, nam
     assert loss.requires_grad
     loss.backward()
     assert abs(float(loss.detach()) - stats["loss"]) < 1e-5
+    assert_main_grads_match(runner, plain)
+
+
+def assert_main_grads_match(runner, plain) -> None:
+    """Every main_grad of the wrapped model equals the plain model's .grad (None: zero) within 1e-5 of its norm."""
     worst, norm = 0.0, 0.0
     for (name_w, p), (name_p, q) in zip(runner.chunks[0].module.named_parameters(), plain.named_parameters()):
         assert name_w == name_p

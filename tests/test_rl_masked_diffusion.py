@@ -14,7 +14,16 @@ import math
 
 import pytest
 import torch
-from test_rl_algorithms import assert_close, bgpo_expectation, elbo_over_length, espo_expectation, make, responses
+from test_rl_algorithms import (
+    assert_close,
+    assert_main_grads_match,
+    bgpo_expectation,
+    elbo_over_length,
+    espo_expectation,
+    make,
+    responses,
+    table_log_probs,
+)
 
 from dare_mega.algorithms.estimators import Sample, Totals, build
 from dare_mega.algorithms.policy import LossConfig
@@ -77,16 +86,6 @@ def quantities(setup, estimator, seed=0, pack_tokens=None):
     assert laid.batch.seq_len == laid.stream  # one stream: x_t alone
     lp = noisy_log_probs(setup["runner"], laid, 1)
     return rows, plan, [q.double() for q in estimator.quantities(lp.double(), plan)]
-
-
-def table_log_probs(oracle, rows) -> torch.Tensor:
-    width = max(len(c) for c in rows.clean)
-    out = torch.zeros(len(rows.clean), width, dtype=torch.float64)
-    for r, (noisy, clean) in enumerate(zip(rows.noisy, rows.clean)):
-        masked = [p for p in range(len(clean)) if noisy[p] != clean[p]]
-        for p, value in oracle.log_probs(clean.tolist(), masked).items():
-            out[r, p] = value
-    return out
 
 
 def test_blocks_count_from_the_end_of_the_prompt(setup):
@@ -202,10 +201,4 @@ def test_policy_gradient_is_the_exact_gradient_of_the_loss(setup, name, pack):
                              q_rollout=q_rollout)
     loss.backward()
     assert abs(float(loss.detach()) - stats["loss"]) < 1e-5
-    worst, norm = 0.0, 0.0
-    for (name_w, p), (name_p, q) in zip(runner.chunks[0].module.named_parameters(), plain.named_parameters()):
-        assert name_w == name_p
-        expected = q.grad if q.grad is not None else torch.zeros_like(q)
-        worst = max(worst, float((p.main_grad - expected).abs().max()))
-        norm += float(expected.pow(2).sum())
-    assert norm > 0 and worst <= 1e-5 * max(1.0, norm**0.5), (worst, norm**0.5)
+    assert_main_grads_match(runner, plain)
