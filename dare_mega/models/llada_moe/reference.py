@@ -31,6 +31,7 @@ from torch import nn
 
 from dare_mega.models import ops
 from dare_mega.models.builder import read_hf_config
+from dare_mega.models.llada2.reference import MLP  # the same gate_proj / up_proj / down_proj SwiGLU
 from dare_mega.models.llada_moe.config import HF_DEFAULT_PAD_TOKEN_ID
 from dare_mega.models.ops import RMSNorm
 from dare_mega.storage.safetensors_io import CheckpointReader
@@ -42,17 +43,6 @@ def _head_dim(cfg: dict) -> int:
 
 def _rotary_dim(cfg: dict) -> int:
     return int(_head_dim(cfg) * float(cfg.get("partial_rotary_factor", 1.0)))
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden: int, inner: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class SparseMoE(nn.Module):
