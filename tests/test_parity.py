@@ -13,9 +13,9 @@ from conftest import run_worker
 TOL = 1e-5
 
 
-def case(hf, mask="block", micro_batch_size=1, attention="auto", grads=True, **layout):
+def case(hf, mask="block", micro_batch_size=1, attention="auto", grads=True, experts="auto", **layout):
     return {"hf": hf, "layout": layout, "mask": mask, "micro_batch_size": micro_batch_size,
-            "attention": attention, "grads": grads}
+            "attention": attention, "grads": grads, "experts": experts}
 
 
 def check(results):
@@ -51,6 +51,7 @@ def test_parity_one_process(tiny_dir, tmp_path):
     dense, moe, llada2, llada = tiny_dir["sdar"], tiny_dir["sdar_moe"], tiny_dir["llada2_moe"], tiny_dir["llada"]
     check(run_worker(1, [
         case(dense), case(moe), case(moe, mask="block-causal"), case(dense, mask="causal"), case(llada2),
+        case(moe, experts="sequential"),                     # Megatron's SequentialMLP (the default is grouped)
         case(llada, mask="full"),                            # masked diffusion: bidirectional per document
         case(tiny_dir["dream"], mask="full"),                # Dream: q/k/v biases, logits shifted per document
         case(tiny_dir["llada_moe"], mask="full"),            # LLaDA-MoE: qk-norm, top-k softmax weights as they are

@@ -101,3 +101,43 @@ def shift_logits(logits: torch.Tensor, position_ids: torch.Tensor) -> torch.Tens
     source = (seq[None, :] - (position_ids.to(logits.device) > 0).long()).clamp_min(0)
     index = source.reshape(source.shape + (1,) * (logits.dim() - 2)).expand_as(logits)
     return logits.gather(1, index)
+
+
+# ---- grouped expert matrix products ---------------------------------------------------------------------
+# Rows of `x` come grouped by expert (the router's permutation, done once); `counts` [G] says how many rows
+# each expert has, on x's device. torch's grouped GEMM (torch.nn.functional.grouped_mm) runs every group in
+# one kernel on GPUs that have it (bfloat16, compute capability >= 8.0); its CPU implementation is the same
+# per-group products as a loop. Elsewhere (float32 on a GPU: parity runs) the loop below does the same
+# arithmetic, reading the counts on the host.
+
+
+def grouped_mm_available(x: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM takes these operands (x [M, K], weights [G, N, K])."""
+    if x.device.type == "cpu":
+        return hasattr(F, "grouped_mm") and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if x.device.type != "cuda" or not hasattr(F, "grouped_mm"):
+        return False
+    aligned = x.shape[-1] % 8 == 0 and weights.shape[1] % 8 == 0  # 16-byte strides in bfloat16
+    return (x.dtype == weights.dtype == torch.bfloat16 and aligned
+            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
+def grouped_offsets(counts: torch.Tensor) -> torch.Tensor:
+    """The end row of each group (int32, on the counts' device): grouped_mm's `offs`."""
+    return torch.cumsum(counts, 0).to(torch.int32)
+
+
+def grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Row block g of x [M, K] times weights[g].T ([G, N, K]: each expert's Linear weight) -> [M, N]."""
+    if grouped_mm_available(x, weights):
+        return F.grouped_mm(x, weights.transpose(1, 2), offs=grouped_offsets(counts))
+    pieces = torch.split(x, counts.tolist())
+    return torch.cat([piece @ weights[g].T for g, piece in enumerate(pieces)])
+
+
+def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """d(grouped_linear)/d(weights) for the output gradient grad [M, N] and input x [M, K] -> [G, N, K]."""
+    if grouped_mm_available(x, grad.new_empty(1, grad.shape[1], 1)):
+        return F.grouped_mm(grad.t(), x, offs=grouped_offsets(counts))
+    pieces = zip(torch.split(grad, counts.tolist()), torch.split(x, counts.tolist()))
+    return torch.stack([g.t() @ piece for g, piece in pieces])

@@ -3,7 +3,8 @@
 One spec shape for every backend, so that parameter names (and the mapping tables) never depend on whether
 Transformer Engine is installed: input_layernorm -> self_attention(linear_qkv, q/k_layernorm, core_attention,
 linear_proj) -> pre_mlp_layernorm -> mlp (dense MLP or MoE). Transformer Engine, when used, supplies the
-linear layers, the norms and the grouped expert GEMM; the core attention is always dare_mega's
+linear layers, the norms and the grouped expert GEMM (without it the experts are models/experts.py's grouped
+products, or Megatron's SequentialMLP with `moe_experts="sequential"`); the core attention is always dare_mega's
 (FlexAttention on GPUs, SDPA on CPUs).
 """
 
@@ -30,6 +31,7 @@ from megatron.core.transformer.transformer_layer import (
 
 from dare_mega.diffusion.attention import BlockDiffusionAttention
 from dare_mega.models import ops
+from dare_mega.models.experts import GroupedExperts
 
 
 class RMSNorm(torch.nn.Module):
@@ -89,7 +91,11 @@ def layer_spec(config, moe: bool) -> ModuleSpec:
         from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
         from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
-        expert_module, expert_submodules = provider.grouped_mlp_modules(bool(config.moe_grouped_gemm), False)
+        if use_te or not config.moe_grouped_gemm:
+            expert_module, expert_submodules = provider.grouped_mlp_modules(bool(config.moe_grouped_gemm), False)
+        else:  # Megatron's grouped module without Transformer Engine is the legacy one (grouped_gemm package)
+            expert_module = GroupedExperts
+            expert_submodules = MLPSubmodules(linear_fc1=column, linear_fc2=row)
         mlp = ModuleSpec(
             module=MoELayer,
             submodules=MoESubmodules(

@@ -27,7 +27,9 @@ class RuntimeOptions:
     params_dtype: torch.dtype = torch.float32
     attention_backend: str = "auto"  # "auto" | "flex" | "sdpa"
     use_transformer_engine: bool | None = None  # None: when importable and CUDA is present
-    moe_grouped_gemm: bool | None = None  # None: with Transformer Engine
+    # MoE experts: "grouped" (every local expert in one grouped GEMM: Transformer Engine's, else
+    # models/experts.py), "sequential" (Megatron's SequentialMLP, one expert at a time), "auto" (grouped)
+    moe_experts: str = "auto"
     make_vocab_size_divisible_by: int = 128
     recompute_granularity: str | None = None  # None | "full" | "selective"
     # None: no load-balancing loss (the parity default; SDAR's HF training leaves it off, output_router_logits
@@ -154,7 +156,9 @@ def transformer_config(args: ModelArgs, layout: ParallelLayout, options: Runtime
     )
     if args.moe:
         moe = args.moe
-        grouped = options.moe_grouped_gemm if options.moe_grouped_gemm is not None else te
+        if options.moe_experts not in ("auto", "grouped", "sequential"):
+            raise ConfigError(f"model.experts={options.moe_experts!r}: expected auto, grouped or sequential")
+        grouped = options.moe_experts != "sequential"
         aux = options.moe_aux_loss_coef if options.moe_aux_loss_coef is not None else 0.0
         kwargs.update(
             num_moe_experts=moe.num_experts,

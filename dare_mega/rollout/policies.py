@@ -32,11 +32,32 @@ def likelihood_log_probs(logits: torch.Tensor, params: SamplingParams) -> torch.
     return torch.log_softmax(logits / (params.logprob_temperature or temperature), dim=-1)
 
 
+def step_uniforms(generator: torch.Generator | None, width: int, params: SamplingParams) -> dict[str, torch.Tensor]:
+    """The uniform numbers one denoising step of a block draws from its generator, in the order it draws them:
+    one per position for the token (float64 when sampling; float32 and unused at temperature 0, so that the
+    count per step stays fixed) and, for `random_static`, one per position for the order of reveals. The
+    device loop (rollout/device_loop.py) draws a whole request's numbers up front with this same function."""
+    sampled = params.temperature > 0
+    if sampled or generator is not None:
+        out = {"token": torch.rand(width, generator=generator, dtype=torch.float64 if sampled else torch.float32)}
+    else:  # greedy on the global generator: nothing to keep in step with
+        out = {"token": torch.zeros(width, dtype=torch.float32)}
+    if params.policy == "random_static":
+        out["position"] = torch.rand(width, generator=generator, dtype=torch.float64)
+    return out
+
+
 def sample_block(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
                  never: int | None = None):
     """logits [T, V] float32 -> tokens [T], confidence [T] (probability of the token under the filtered
     distribution), logprob [T] (log softmax(logits / T) of the token, untruncated; T = logprob_temperature
-    when set), entropy [T].
+    when set), entropy [T]: `sample_with_uniforms` on this step's numbers from `generator`."""
+    return sample_with_uniforms(logits, params, step_uniforms(generator, logits.shape[0], params)["token"], never)
+
+
+def sample_with_uniforms(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor,
+                         never: int | None = None):
+    """`sample_block` on any number of rows [N, V] with one given uniform per row [N] (inverse CDF).
 
     `never` (the mask id) is never sampled: revealing a mask would leave the position masked. With
     `params.confidence == "raw"` the confidence is the token's probability under softmax(logits) over the whole
@@ -52,11 +73,9 @@ def sample_block(logits: torch.Tensor, params: SamplingParams, generator: torch.
     if params.temperature == 0:
         tokens = scaled.argmax(-1)
         confidence = probs_full.gather(-1, tokens[:, None])[:, 0]
-        if generator is not None:  # keep the draw count fixed per step, greedy or not
-            torch.rand(logits.shape[0], generator=generator)
     else:
         probs = torch.softmax(_top_p(_top_k(scaled, params.top_k), params.top_p), dim=-1)
-        tokens = _draw(probs, generator)
+        tokens = _inverse_cdf(probs, uniforms)
         confidence = probs.gather(-1, tokens[:, None])[:, 0]
     if params.confidence == "raw":
         confidence = torch.softmax(logits.double(), dim=-1).gather(-1, tokens[:, None])[:, 0]
@@ -81,42 +100,59 @@ def _top_p(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row by inverse CDF from one uniform per row."""
-    draws = torch.rand(probs.shape[0], generator=generator, dtype=torch.float64).to(probs.device)
+    return _inverse_cdf(probs, torch.rand(probs.shape[0], generator=generator, dtype=torch.float64))
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     cdf = probs.double().cumsum(-1)
+    draws = uniforms.to(device=probs.device, dtype=torch.float64)
     return torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)[:, 0]
 
 
 def choose_reveals(masked: torch.Tensor, confidence: torch.Tensor, entropy: torch.Tensor, step: int,
                    steps: int, initially_masked: int, params: SamplingParams) -> torch.Tensor:
-    """Which masked positions of one block to reveal at this step (bool [T]).
+    """Which masked positions of one block to reveal at this step (bool [T]): `choose_reveals_rows` on one row.
 
     The last allowed step reveals everything left, so a block takes at most `steps` denoising forwards.
     """
-    remaining = int(masked.sum())
-    if remaining == 0:
-        return torch.zeros_like(masked)
-    if step >= steps - 1:
-        return masked.clone()
-    if params.policy in ("low_confidence_static", "random_static"):  # random: `confidence` holds uniforms
-        quota = initially_masked // steps + (1 if step < initially_masked % steps else 0)
-        count = min(quota, remaining)
+    step_t = torch.tensor([step], device=masked.device)
+    initial = torch.tensor([initially_masked], device=masked.device)
+    return choose_reveals_rows(masked[None], confidence[None], entropy[None], step_t, steps, initial, params)[0]
+
+
+def choose_reveals_rows(masked: torch.Tensor, confidence: torch.Tensor, entropy: torch.Tensor, step: torch.Tensor,
+                        steps: int, initially_masked: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """`choose_reveals` for rows of blocks at once, in tensor operations only (no value read on the host):
+    masked / confidence / entropy [R, T], step / initially_masked [R] -> reveal bool [R, T].
+
+    low_confidence_static, random_static: initially_masked / steps positions per step (the remainder spread
+    over the first steps), the most confident first (random_static: `confidence` holds uniforms);
+    low_confidence_dynamic: every masked position above the threshold, else the most confident one;
+    entropy_bounded: the most certain positions while their entropies sum below the bound (at least one).
+    Equal scores go to the lower position."""
+    remaining = masked.sum(-1)
+    above = torch.zeros_like(masked)  # revealed whatever the count (the dynamic policy's confident ones)
+    if params.policy in ("low_confidence_static", "random_static"):
+        quota = initially_masked // steps + (step < initially_masked % steps).long()
+        count = torch.minimum(quota, remaining)
+        scores = confidence
     elif params.policy == "low_confidence_dynamic":
         above = masked & (confidence > params.threshold)
-        if above.any():
-            return above
-        count = 1
-    else:  # entropy_bounded: the most certain tokens, while their entropies sum below the bound
-        order_entropy = entropy.masked_fill(~masked, float("inf"))
-        sorted_entropy, _ = order_entropy.sort()
-        cumulative = sorted_entropy[:remaining].cumsum(0)
-        count = max(1, int((cumulative < params.entropy_bound).sum()))
-        chosen = torch.zeros_like(masked)
-        chosen[order_entropy.argsort()[:count]] = True
-        return chosen
-    chosen = torch.zeros_like(masked)
-    if count:
-        chosen[confidence.masked_fill(~masked, float("-inf")).topk(count).indices] = True
-    return chosen
+        count = torch.where(above.any(-1), 0, 1)
+        scores = confidence
+    else:  # entropy_bounded
+        by_entropy = entropy.masked_fill(~masked, float("inf")).sort(dim=-1, stable=True).values
+        within = (by_entropy.cumsum(-1) < params.entropy_bound) & (torch.arange(masked.shape[-1], device=masked.device)
+                                                                    < remaining[:, None])
+        count = within.sum(-1).clamp(min=1)
+        scores = -entropy
+    # the rank of each masked position by score (descending; ties to the lower position), then the first `count`
+    order = scores.masked_fill(~masked, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(masked.shape[-1], device=masked.device)
+                                            .expand_as(order).contiguous())
+    chosen = masked & ((rank < count[:, None]) | above)
+    last = (step >= steps - 1)[:, None]
+    return torch.where(last, masked, chosen)
 
 
 def denoise_step(logits: torch.Tensor, block_tokens: torch.Tensor, mask_id: int, generator: torch.Generator | None,
@@ -129,9 +165,10 @@ def denoise_step(logits: torch.Tensor, block_tokens: torch.Tensor, mask_id: int,
         masked = masked & ~prompt
     if params.policy in DREAM_POLICIES:
         return dream_step(logits, masked, mask_id, generator, step, steps, params)
-    tokens, confidence, logprob, entropy = sample_block(logits, params, generator, never=mask_id)
+    uniforms = step_uniforms(generator, logits.shape[0], params)
+    tokens, confidence, logprob, entropy = sample_with_uniforms(logits, params, uniforms["token"], never=mask_id)
     if params.policy == "random_static":  # LLaDA's remasking="random": which positions, uniformly at random
-        confidence = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64)
+        confidence = uniforms["position"]
     return choose_reveals(masked, confidence, entropy, step, steps, initially_masked, params), tokens, logprob
 
 

@@ -19,6 +19,9 @@ class ModelSection:
     mask_token_id: int | None = None  # default: the family's
     block_size: int | None = None  # default: the family's
     dtype: str = field(default="auto", metadata=choices("auto", "float32", "bfloat16"))  # auto: bf16 on GPU
+    # MoE experts: grouped (all local experts in one grouped GEMM; Transformer Engine's when installed, else
+    # models/experts.py), sequential (Megatron's SequentialMLP: one expert at a time), auto (grouped)
+    experts: str = field(default="auto", metadata=choices("auto", "grouped", "sequential"))
 
 
 @dataclass

@@ -182,6 +182,7 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
     dtype = params_dtype(cfg.model.dtype, env.device)
     bias_rate = 0.0 if a.freeze_expert_bias else a.expert_bias_update_rate
     chunks, args = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype, expert_bias_update_rate=bias_rate,
+                                                                moe_experts=cfg.model.experts,
                                                                 routing_replay=replay,
                                                                 recompute_granularity=recompute(cfg.train)),
                                  cfg.model.mask_token_id, cfg.model.block_size)
@@ -243,7 +244,8 @@ def setup(cfg: RLConfig, rollout_backend=None) -> RLJob:
     loss_cfg = LossConfig(a.eps_low, a.eps_high, a.dual_clip, a.kl_coef, a.kl_kind, a.tis_cap)
     ref_runner = None
     if a.kl_coef:
-        ref_chunks, _ = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype, routing_replay=replay),
+        ref_chunks, _ = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype, routing_replay=replay,
+                                                                   moe_experts=cfg.model.experts),
                                       cfg.model.mask_token_id, cfg.model.block_size)
         if cfg.model.init:
             load_into(ref_chunks, cfg.model.init)

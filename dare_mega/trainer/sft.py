@@ -90,7 +90,8 @@ def run(cfg: SFTConfig) -> dict:
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     loader, data_stats = build_data(cfg, args, hf_dir, dp, dp_rank)
     dtype = params_dtype(cfg.model.dtype, env.device)
-    chunks, args = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype, recompute_granularity=recompute(cfg.train)),
+    chunks, args = build_from_hf(hf_dir, layout, RuntimeOptions(params_dtype=dtype, moe_experts=cfg.model.experts,
+                                                                recompute_granularity=recompute(cfg.train)),
                                  mask_token_id=cfg.model.mask_token_id, block_size=cfg.model.block_size)
     chunks = wrap_for_training(chunks, distributed_optimizer=True)
     optimizer, scheduler = build_optimizer(cfg, chunks, dtype)

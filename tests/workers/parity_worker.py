@@ -23,7 +23,9 @@ def main():
         result, batch, logits = run_parity(
             case["hf"], layout, case.get("mask", "block"), batch_size=case.get("batch_size", 4),
             seq_len=case.get("seq_len", 16), micro_batch_size=case.get("micro_batch_size", 1),
-            grads=case.get("grads", True), options=RuntimeOptions(attention_backend=case.get("attention", "auto")),
+            grads=case.get("grads", True),
+            options=RuntimeOptions(attention_backend=case.get("attention", "auto"),
+                                   moe_experts=case.get("experts", "auto")),
         )
         results.append({**case, **result.to_dict(), "logits_sum": float(logits.double().sum())})
     finish(env, sys.argv[2], results)
