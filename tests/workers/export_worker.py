@@ -56,16 +56,15 @@ def save_live(chunks, hf_dir: str, out_dir: str, layout) -> None:
     dist.barrier()
 
 
-def main():
+def run(env, spec: dict) -> list[dict]:
+    """The cases of `spec` in this launch (torch.distributed already up); rank 0's records are complete."""
     from dare_mega.checkpoint.export import export_to_hf
     from dare_mega.models.builder import build_from_hf, mapping_for
     from dare_mega.models.hf_loader import megatron_tensors, unwrap
-    from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
+    from dare_mega.parallel import ParallelLayout, init_model_parallel
     from dare_mega.storage.safetensors_io import CheckpointReader
     from dare_mega.weight_sync.export import WeightExporter
 
-    env = init_distributed()
-    spec = json.load(open(sys.argv[1]))
     results = []
     for case in spec["cases"]:
         layout = ParallelLayout(**case["layout"])
@@ -120,7 +119,14 @@ def main():
                 largest_tensor=max(t.numel() * t.element_size() for _, t in flat),
             )
         results.append(record)
-    finish(env, sys.argv[2], results)
+    return results
+
+
+def main():
+    from dare_mega.parallel import init_distributed
+
+    env = init_distributed()
+    finish(env, sys.argv[2], run(env, json.load(open(sys.argv[1]))))
 
 
 if __name__ == "__main__":

@@ -20,17 +20,16 @@ def offset(name: str, salt: str) -> float:
     return int(hashlib.sha256((salt + name).encode()).hexdigest()[:6], 16) / 2**24 - 0.5
 
 
-def main():
+def run(env, spec: dict) -> list[dict]:
+    """The cases of `spec` in this launch (torch.distributed already up); the reports of each case."""
     from dare_mega.models.builder import build_from_hf, mapping_for
     from dare_mega.models.hf_loader import megatron_tensors, unwrap
-    from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
+    from dare_mega.parallel import ParallelLayout, init_model_parallel
     from dare_mega.rollout.sglang_client import SGLangClient
     from dare_mega.weight_sync.export import WeightExporter
     from dare_mega.weight_sync.sync import SGLangWeightCheck, WeightSync, check_against_checkpoint
     from dare_mega.weight_sync.transports import ColocatedTensorTransport, DiskTransport, DistributedTransport
 
-    env = init_distributed()
-    spec = json.load(open(sys.argv[1]))
     layout = ParallelLayout(**spec["layout"])
     init_model_parallel(layout)
     chunks, args = build_from_hf(spec["hf"], layout)
@@ -63,7 +62,14 @@ def main():
         if hasattr(transport, "close"):
             transport.close()
         results.append({"name": case["name"], "reports": reports, "buckets": len(exporter.plan.buckets)})
-    finish(env, sys.argv[2], results)
+    return results
+
+
+def main():
+    from dare_mega.parallel import init_distributed
+
+    env = init_distributed()
+    finish(env, sys.argv[2], run(env, json.load(open(sys.argv[1]))))
 
 
 if __name__ == "__main__":
