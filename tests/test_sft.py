@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, clean_env, free_port, torchrun
+from conftest import REPO, clean_env, completed, free_port, start, start_torchrun
 
 from dare_mega.algorithms.sft import document_noise, loss_weights, noise_document, objective, sft_batch
 from dare_mega.config import load_config
@@ -30,14 +30,15 @@ def losses(run_dir) -> dict[int, float]:
     return out
 
 
-def sft(nproc, run_dir, *overrides, timeout=600):
+def start_sft(nproc, run_dir, *overrides):
+    """The SFT trainer in the background (one thread per process): one process runs as plain python."""
     args = ["-m", "dare_mega.trainer.sft", "--config", RECIPE, f"run_dir={run_dir}", "logging.progress=false",
             *overrides]
-    if nproc == 1:
-        env = clean_env()
-        return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-    return torchrun(nproc, args, timeout=timeout)
+    return start([sys.executable, *args]) if nproc == 1 else start_torchrun(nproc, args)
+
+
+def sft(nproc, run_dir, *overrides, timeout=600):
+    return completed(start_sft(nproc, run_dir, *overrides), timeout)
 
 
 # ---- objectives and packing (no model) ----------------------------------------------------------------
@@ -297,8 +298,15 @@ def test_run_errors_name_the_problem(tmp_path):
 
 @pytest.mark.distributed
 def test_loss_goes_down_and_layouts_agree(tmp_path):
-    single = sft(1, tmp_path / "tp1", "train.steps=30", "train.micro_batches=2", "checkpoint.every=100",
-                 "logging.wandb=offline")
+    # the single-process run (one thread) alongside the multi-process ones, which it is compared with
+    single = start_sft(1, tmp_path / "tp1", "train.steps=30", "train.micro_batches=2", "checkpoint.every=100",
+                       "logging.wandb=offline")
+    tp_ep = sft(4, tmp_path / "tp2ep2", "train.steps=4", "train.micro_batches=1", "parallel.tp=2", "parallel.ep=2",
+                "checkpoint.every=100", "train.recompute=selective")
+    # full recompute under the pipeline schedule (each layer's forward runs again in the backward): same losses
+    pp = sft(2, tmp_path / "pp2", "train.steps=4", "train.micro_batches=2", "parallel.pp=2", "checkpoint.every=100",
+             "train.recompute=full")
+    single = completed(single)
     assert single.returncode == 0, single.stderr[-3000:]
     curve = losses(tmp_path / "tp1")
     first, last = sum(curve[s] for s in range(1, 11)) / 10, sum(curve[s] for s in range(21, 31)) / 10
@@ -306,12 +314,7 @@ def test_loss_goes_down_and_layouts_agree(tmp_path):
     record = json.loads(open(tmp_path / "tp1" / "metrics.jsonl").readline())
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(record)
     assert any(name.startswith("offline-run") for name in os.listdir(tmp_path / "tp1" / "wandb"))
-    tp_ep = sft(4, tmp_path / "tp2ep2", "train.steps=4", "train.micro_batches=1", "parallel.tp=2", "parallel.ep=2",
-                "checkpoint.every=100", "train.recompute=selective")
     assert tp_ep.returncode == 0, tp_ep.stderr[-3000:]
-    # full recompute under the pipeline schedule (each layer's forward runs again in the backward): same losses
-    pp = sft(2, tmp_path / "pp2", "train.steps=4", "train.micro_batches=2", "parallel.pp=2", "checkpoint.every=100",
-             "train.recompute=full")
     assert pp.returncode == 0, pp.stderr[-3000:]
     for other in (losses(tmp_path / "tp2ep2"), losses(tmp_path / "pp2")):
         for step in range(1, 5):
@@ -321,9 +324,7 @@ def test_loss_goes_down_and_layouts_agree(tmp_path):
 @pytest.mark.distributed
 def test_crash_and_exact_resume(tmp_path):
     common = ["train.steps=10", "checkpoint.every=2", "checkpoint.keep=3", "data.packing=ffd"]
-    straight = sft(1, tmp_path / "straight", *common)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    expected = losses(tmp_path / "straight")
+    straight = start_sft(1, tmp_path / "straight", *common)  # alongside the run that crashes (one thread each)
 
     run_dir = tmp_path / "crashed"
     env = clean_env()
@@ -340,6 +341,9 @@ def test_crash_and_exact_resume(tmp_path):
     proc.wait()
     crashed_at = max(losses(run_dir))
     assert crashed_at < 10, "the run finished before it could be killed"
+    straight = completed(straight)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    expected = losses(tmp_path / "straight")
     checkpoints = run_dir / "checkpoints"
     # a checkpoint cut off mid-write, in both shapes it can take: never resumed from
     (checkpoints / ".step_00000008.partial").mkdir(parents=True, exist_ok=True)
