@@ -24,13 +24,15 @@ import torch.nn.functional as F
 
 
 def attend_cached(q, k, v, cache_k, cache_v, rows, lengths, positions, new_mask, write, scale: float,
-                  span: int | None = None, replaced: torch.Tensor | None = None):
+                  span: int | None = None, replaced: torch.Tensor | None = None, static: bool = False):
     """q [b, heads, t, d]; k, v [b, groups, t, d] (the new tokens, rotated); cache_k / cache_v
     [rows_total, groups, max_len, d]; rows [b] (each row's cache row), lengths [b] (its cached positions),
     positions [b, t], new_mask bool [b, t, t] (True = may attend), write bool [b, t] (store these tokens at their
     positions, after they are read); span: how many cached positions to read (at least max(lengths); given, it
     saves a device sync per layer); replaced [b, 2] or None: cached positions [start, stop) of each row that are
-    not read (the new tokens replace them). Returns [b, heads, t, d]."""
+    not read (the new tokens replace them); static: write without reading `write` on the host (every new
+    token's slot is stored, the old value where it does not write: shapes and work never depend on the values,
+    for the device loop, rollout/device_loop.py). Returns [b, heads, t, d]."""
     b, t = positions.shape
     if span is None:
         span = int(lengths.max()) if lengths.numel() else 0
@@ -41,7 +43,12 @@ def attend_cached(q, k, v, cache_k, cache_v, rows, lengths, positions, new_mask,
     keys = torch.cat([cache_k[rows, :, :span], k], dim=2)
     values = torch.cat([cache_v[rows, :, :span], v], dim=2)
     allowed = torch.cat([cached[:, None, :].expand(b, t, span), new_mask], dim=2)
-    if write.any():
+    if static:
+        slot_rows = rows[:, None].expand(b, t)
+        for cache, new in ((cache_k, k), (cache_v, v)):
+            old = cache[slot_rows, :, positions]  # [b, t, groups, d]
+            cache[slot_rows, :, positions] = torch.where(write[..., None, None], new.transpose(1, 2).to(cache.dtype), old)
+    elif write.any():
         row, col = torch.nonzero(write, as_tuple=True)
         cache_k[rows[row], :, positions[row, col]] = k.transpose(1, 2)[row, col].to(cache_k.dtype)
         cache_v[rows[row], :, positions[row, col]] = v.transpose(1, 2)[row, col].to(cache_v.dtype)
@@ -83,6 +90,7 @@ class CachedBlocks:
     write: torch.Tensor
     span: int = -1  # cached positions every row reads (-1: max(lengths), taken while `lengths` is on the CPU)
     replaced: torch.Tensor | None = None  # [b, 2]: cached positions [start, stop) not read (see attend_cached)
+    static: bool = False  # writes that never read `write` on the host (see attend_cached)
 
     def __post_init__(self):
         if self.span < 0:
@@ -91,14 +99,14 @@ class CachedBlocks:
     def attend(self, layer, q, k, v, scale: float):
         cache_k, cache_v = self.cache.layer(layer, k)
         return attend_cached(q, k, v, cache_k, cache_v, self.rows, self.lengths, self.positions, self.new_mask,
-                             self.write, scale, self.span, self.replaced)
+                             self.write, scale, self.span, self.replaced, self.static)
 
     def select(self, start: int, stop: int) -> "CachedBlocks":
         return CachedBlocks(self.cache, self.rows[start:stop], self.lengths[start:stop],
                             self.positions[start:stop], self.new_mask[start:stop], self.write[start:stop], self.span,
-                            None if self.replaced is None else self.replaced[start:stop])
+                            None if self.replaced is None else self.replaced[start:stop], self.static)
 
     def to(self, device) -> "CachedBlocks":
         return CachedBlocks(self.cache, *(t.to(device) for t in (self.rows, self.lengths, self.positions,
                                                                   self.new_mask, self.write)), self.span,
-                            None if self.replaced is None else self.replaced.to(device))
+                            None if self.replaced is None else self.replaced.to(device), self.static)

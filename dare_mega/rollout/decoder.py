@@ -30,6 +30,7 @@ import torch
 
 from dare_mega.errors import ConfigError
 from dare_mega.models.family import family_named
+from dare_mega.rollout.device_loop import DeviceLoop, device_loop_supports
 from dare_mega.rollout.masked_cache import cache_mode, run_masked_cached
 from dare_mega.rollout.policies import block_generator, denoise_step
 from dare_mega.rollout.types import Completion, SamplingParams, prompt_ids
@@ -62,9 +63,11 @@ class BlockDecoder:
     `tokenizer`, `device` and `weight_version`, and implement `_block_logits`."""
 
     supports_cache = False
+    supports_device_loop = False  # implements _device_cached_forward (rollout/device_loop.py)
 
     def __init__(self, args, tokenizer=None, device="cpu"):
         self.args = args
+        self.device_loop = True  # the cached loop runs on the device when the backend and the params allow it
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.weight_version = 0
@@ -84,6 +87,12 @@ class BlockDecoder:
         positions [B, T], new_mask [B, T, T], write [B, T]. Returns float32 logits [B, T, vocab] on the CPU (with
         `starts` [B]: only [B, width, vocab], of tokens starts[j] .. starts[j] + width - 1), or None when `logits`
         is False."""
+        raise NotImplementedError
+
+    def _device_cached_forward(self, cache, rows, lengths, tokens, positions, write, span: int) -> torch.Tensor:
+        """`_cached_forward` for the device loop: every argument already on the device, the new tokens of a row
+        seeing each other, the writes done without reading `write` on the host, the cache read over `span`
+        positions; float32 logits [B, T, vocab] stay on the device."""
         raise NotImplementedError
 
     def _another_forward(self, active: bool) -> bool:
@@ -164,7 +173,8 @@ class BlockDecoder:
         """prefill: the prompts' full blocks, once, block-causal, writing the cache; denoise: up to `steps`
         forwards of each current block, seeing the cache and itself, writing nothing; commit: one forward of
         a finished block, writing its keys and values (skipped when the request stops). A request in its
-        denoising phase and one committing share the forward."""
+        denoising phase and one committing share the forward. After the prefill the loop runs on the device
+        (rollout/device_loop.py) when the backend and the params allow it, else here, on the host."""
         from dare_mega.diffusion.kv_cache import BlockKVCache
 
         self._block = block
@@ -188,6 +198,9 @@ class BlockDecoder:
             self._idle_forward(block)
         for r, f in zip(requests, full):
             self._start_block(r, f, mask_id)
+        if self.device_loop and self.supports_device_loop and device_loop_supports(params) is None:
+            DeviceLoop(self, requests, cache, lengths, block, steps, stop_ids, params).run()
+            return
         active = list(range(len(requests)))
         ones = torch.ones(1, block, block, dtype=torch.bool)
         while self._another_forward(bool(active)):

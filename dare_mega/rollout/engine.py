@@ -30,6 +30,7 @@ class NativeEngine(BlockDecoder):
     of the model (rollout/model.py) with a block KV cache; load_weights(named tensors, version)."""
 
     supports_cache = True
+    supports_device_loop = True
 
     def __init__(self, model: InferenceModel, table, tokenizer=None, device="cpu"):
         super().__init__(model.args, tokenizer, device)
@@ -116,6 +117,12 @@ class NativeEngine(BlockDecoder):
         logits = self.model(tokens.to(self.device), positions.to(self.device), mask.to(self.device))
         index = starts.to(logits.device)[:, None] + torch.arange(width, device=logits.device)
         return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])).cpu()
+
+    def _device_cached_forward(self, cache, rows, lengths, tokens, positions, write, span):
+        block = tokens.shape[1]
+        among = torch.ones(tokens.shape[0], block, block, dtype=torch.bool, device=tokens.device)
+        cached = CachedBlocks(cache, rows, lengths, positions, among, write, span=span, static=True)
+        return self.model(tokens, positions, among, cached=cached)
 
     def _cached_forward(self, cache, slots, lengths, tokens, positions, new_mask, write, logits, starts=None,
                         width=None, replaced=None):

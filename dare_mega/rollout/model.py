@@ -134,7 +134,9 @@ class InferenceModel(torch.nn.Module):
         # the router's permutation, once: rows grouped by expert, then every expert in one grouped product
         order = chosen.reshape(-1).argsort(stable=True)
         token = torch.arange(flat.shape[0], device=x.device).repeat_interleave(chosen.shape[1])[order]
-        counts = torch.bincount(chosen.reshape(-1), minlength=fc1.shape[0])  # stays on the device: no sync
+        # counted on the device (bincount would read the largest id on the host first)
+        counts = torch.zeros(fc1.shape[0], dtype=torch.long, device=x.device).scatter_add_(
+            0, chosen.reshape(-1), torch.ones_like(chosen.reshape(-1)))
         gate, up = ops.grouped_linear(flat[token], fc1, counts).chunk(2, dim=-1)
         y = ops.grouped_linear(ops.swiglu(gate, up), fc2, counts)
         out = torch.zeros_like(flat, dtype=torch.float32)
