@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO, clean_env, torchrun
+from conftest import REPO, clean_env, completed, warm_checkpoint
 
 HUMANEVAL = [{"task_id": "HumanEval/0", "prompt": "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n", "entry_point": "add",
               "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"},
@@ -53,16 +53,13 @@ def offline(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sft_model(tmp_path_factory):
-    """The RL example's tiny SFT model (examples/rl_sdar_moe.sh's warm-up, same recipe and steps), as HF."""
+def sft_model(example_run, tmp_path_factory):
+    """The RL example's tiny SFT model (examples/rl_sdar_moe.sh's warm-up, which the session's `examples` fixture
+    runs for the RL tests), as HF."""
     from dare_mega.checkpoint.export import export_to_hf
 
     run = tmp_path_factory.mktemp("sft")
-    proc = torchrun(1, ["-m", "dare_mega.trainer.sft", "--config", "configs/recipes/sft_tiny_sdar_moe.yaml",
-                        f"run_dir={run}", "data.task=max", "data.synthetic_samples=512", "train.steps=30",
-                        "checkpoint.every=30", "optim.warmup_steps=5", "logging.progress=false"], timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    export_to_hf(str(sorted((run / "checkpoints").glob("step_*"))[-1]), str(run / "hf"))
+    export_to_hf(warm_checkpoint(example_run), str(run / "hf"))
     return str(run / "hf")
 
 
@@ -83,11 +80,17 @@ def data(tmp_path_factory):
     return root
 
 
-def evaluate(hf, data_dir, out, harness, *extra, prefix=(), env=None):
+def start_evaluate(hf, data_dir, out, harness, *extra, prefix=(), env=None) -> subprocess.Popen:
+    """The evaluator in the background (one thread), for a run that can overlap another one."""
     command = [*prefix, sys.executable, "-m", "dare_mega.eval", "--harness", harness, "--hf", hf, "--tasks",
                "gsm8k,humaneval", "--data", str(data_dir), "--out", str(out), "--max-new-tokens", "16",
                "--batch-size", "4", *extra]
-    return subprocess.run(command, cwd=REPO, env=env or clean_env(), capture_output=True, text=True, timeout=900)
+    return subprocess.Popen(command, cwd=REPO, env=env or clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def evaluate(hf, data_dir, out, harness, *extra, prefix=(), env=None):
+    return completed(start_evaluate(hf, data_dir, out, harness, *extra, prefix=prefix, env=env), timeout=900)
 
 
 def items(out, task):
@@ -98,10 +101,11 @@ def test_opencompass_and_own_scorer_agree_without_network(sft_model, data, tmp_p
     # sampled decoding (seeded per request) so that the tiny model writes answers, some of them right
     sampled = ["--decoding", '{"temperature": 1.0}']
     prefix, env, log = offline(tmp_path)
+    own = start_evaluate(sft_model, data, tmp_path / "own", "native", *sampled)  # alongside (one thread each)
     compass = evaluate(sft_model, data, tmp_path / "oc", "opencompass", *sampled, prefix=prefix, env=env)
+    own = completed(own, timeout=900)
     assert compass.returncode == 0, compass.stderr[-4000:]
     assert not log.exists(), f"network attempts: {log.read_text()}"
-    own = evaluate(sft_model, data, tmp_path / "own", "native", *sampled)
     assert own.returncode == 0, own.stderr[-4000:]
 
     scores_oc = json.loads((tmp_path / "oc/scores.json").read_text())
@@ -141,6 +145,8 @@ def test_sglang_backend_through_opencompass(sft_model, data, tmp_path):
     from fake_sglang import Servers
 
     servers = Servers(tmp_path)
+    # the project's own evaluator (one thread) alongside the server and OpenCompass
+    own = start_evaluate(sft_model, data, tmp_path / "own", "native", "--decoding", '{"threshold": 0.95}')
     try:
         url = servers.start("eval", sft_model, threshold=0.95)
         servers.wait(url)
@@ -148,10 +154,10 @@ def test_sglang_backend_through_opencompass(sft_model, data, tmp_path):
         calls = servers.calls(url)
     finally:
         servers.stop()
+        own = completed(own, timeout=900)
     assert compass.returncode == 0, compass.stderr[-4000:]
     # the connect check's probe, then gsm8k in batches of 4, humaneval in one
     assert sum(c["route"] == "/generate" for c in calls) == 1 + 4 + 1
-    own = evaluate(sft_model, data, tmp_path / "own", "native", "--decoding", '{"threshold": 0.95}')
     assert own.returncode == 0, own.stderr[-4000:]
     for task in ("gsm8k", "humaneval"):
         assert [x["completion"] for x in items(tmp_path / "sg", task)] == \

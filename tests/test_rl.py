@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, clean_env, free_port, torchrun, warm_checkpoint
+from conftest import REPO, clean_env, completed, free_port, start_torchrun, warm_checkpoint
 
 from dare_mega.rewards import score
 from dare_mega.rewards.verifiers import REWARDS
@@ -88,10 +88,14 @@ def test_masked_diffusion_examples_improve_heldout_accuracy(examples, name, arch
 FILTER_STATS = ("filter_kept_fraction", "filter_rounds", "filter_filled")
 
 
-def rl(nproc: int, run_dir, *overrides, timeout=900):
+def start_rl(nproc: int, run_dir, *overrides):
     args = ["-m", "dare_mega.trainer.rl", "--config", RL_RECIPE, f"run_dir={run_dir}", "logging.progress=false",
             *overrides]
-    return torchrun(nproc, args, timeout=timeout)
+    return start_torchrun(nproc, args)
+
+
+def rl(nproc: int, run_dir, *overrides, timeout=900):
+    return completed(start_rl(nproc, run_dir, *overrides), timeout)
 
 
 @pytest.mark.distributed
@@ -118,9 +122,11 @@ def test_one_step_agrees_across_layouts(example_run, tmp_path):
             # layer recomputed in the backward, the held-out evaluation one request per call
             "tp2ep2_megatron": (4, [*tp2ep2, "rollout.backend=megatron", "train.offload=true", "train.recompute=full",
                                     "eval.batch_size=1"])}
+    # the one-process run (one thread) alongside the four-process ones
+    started = start_rl(1, tmp_path / "tp1", *common, *runs["tp1"][1])
     said = {}
     for name, (nproc, layout) in runs.items():
-        proc = rl(nproc, tmp_path / name, *common, *layout)
+        proc = completed(started) if name == "tp1" else rl(nproc, tmp_path / name, *common, *layout)
         assert proc.returncode == 0, proc.stderr[-6000:]
         said[name] = proc.stdout
     one, replayed, shards = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()][0]
