@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's GPU paths and benchmarks in one run on one CUDA GPU (about 6 minutes on an H100):
+# The project's GPU paths and benchmarks in one run on one CUDA GPU (about 9 minutes on an H100):
 #
 #   bash benchmarks/gpu_checks.sh                       # on the GPU machine, with $OUT set
 #   GPU_CHECKS_SMOKE=1 bash benchmarks/gpu_checks.sh    # the same steps at toy sizes (a CPU: checks the plumbing)
@@ -9,12 +9,17 @@
 #   parity       Megatron (CUDA, NCCL, one process under torchrun) vs the HF reference: logits, loss, gradients
 #                (benchmarks/cuda_parity.py)                                      } these two run side by side
 #   pytest       in-process tests that run on CUDA when present: rollout engine,  }
-#                RL estimators and exact gradients, masks through the model, SFT packing
+#                RL estimators and exact gradients, masks through the model, SFT packing, grouped experts vs
+#                SequentialMLP, the device decoding loop vs the host loop
 #   cuda_ipc     colocated SGLang weight sync through CUDA-IPC handles (GPU UUIDs) to another process that
 #                decodes with SGLang's own code (needs sglang importable), bit-exact
 #                (benchmarks/cuda_ipc_check.py)
 #   fb_*         benchmarks/forward_backward.py, SDAR-1.7B shape (random weights, bf16), seq 4096 per stream,
-#                FlexAttention then SDPA (if SDPA fails at 4096, both again at 2048)
+#                FlexAttention then SDPA (if SDPA fails at 4096, both again at 2048); model FLOPs utilisation
+#   fb_moe_*     the same for SDAR-30B-A3B's shape with 4 layers, grouped experts then SequentialMLP
+#   rollout_speed  benchmarks/rollout.py --speed: SDAR-1.7B shape (random, bf16), batch 64, 256 tokens, block 4,
+#                threshold 0.9: no cache, cache on the host loop (before), cache on the device loop, and
+#                transformers' model with its KV cache decoding the same prompts (tokens/s, forwards/token)
 #   weight_sync  benchmarks/weight_sync.py at TP=1 x EP=1 (one GPU: one process), 1.28 GB fp32 model
 #   rollout      benchmarks/rollout.py (trains the small model 300 steps, then cache / no cache, static / dynamic)
 #   rollout_masked  benchmarks/rollout.py --masked: LLaDA-8B's shape with 4 layers (random weights, bf16), batch
@@ -22,12 +27,12 @@
 #                threshold 0.9 (tokens/s, forwards per token; DARE reports 2.2x for the cache)
 #   memory_*     benchmarks/memory.py: the memory plan vs torch.cuda.max_memory_allocated per phase, and the
 #                offload's seconds, for the SDAR-1.7B shape and SDAR-30B-A3B's with 4 layers
-#   rl_step      benchmarks/rl_step.py, cached+packed vs nocache+padded, 3 steps
+#   rl_step      benchmarks/rl_step.py, cached+packed vs nocache+padded, 3 steps, 1024-token responses
 #   replay       benchmarks/replay.py: the trainer's replay of SGLang trajectories against the rollout it replays
 #
 # Output, flat in $OUT (default outputs/gpu_checks): gpu_checks.log (every step's output, appended as it
 # runs), summary.txt (one line per step: exit status, seconds, PASS/FAIL/SKIP), results.json (every JSON
-# result of this run, by file name). Variables: GPU_CHECKS_BUDGET (seconds for all steps, default 370),
+# result of this run, by file name). Variables: GPU_CHECKS_BUDGET (seconds for all steps, default 540),
 # GPU_CHECKS_ONLY / GPU_CHECKS_SKIP (comma-separated step names), GPU_CHECKS_SMOKE=1.
 set -u
 cd "$(dirname "$0")/.."
@@ -35,7 +40,7 @@ REPO=$PWD
 OUT=${OUT:-$REPO/outputs/gpu_checks}
 mkdir -p "$OUT"
 SMOKE=${GPU_CHECKS_SMOKE:-0}
-BUDGET=${GPU_CHECKS_BUDGET:-370}
+BUDGET=${GPU_CHECKS_BUDGET:-540}
 ONLY=${GPU_CHECKS_ONLY:-}
 SKIP=${GPU_CHECKS_SKIP:-}
 START=$(date +%s)
@@ -149,6 +154,8 @@ if [[ $SMOKE == 1 ]]; then
     RO_ARGS=(--train-steps 5 --new-tokens 16 --batch 2)
     ROM_ARGS=(--masked tiny-llada --train-steps 0 --new-tokens 16 --batch 2)
     RL_ARGS=(--steps 2 --prompts 1 --n 2 --max-new-tokens 16 --threads 2)
+    MOE_PRESET=tiny-sdar-moe MOE_LEN=64 MOE_LAYERS=2
+    SPEED_ARGS=(--speed tiny-sdar-moe --batch 4 --new-tokens 16 --dtype float32)
     RP_ARGS=(--train-steps 5 --new-tokens 16 --batch 2)
     MEM_DENSE=(--preset tiny-sdar --tokens 64 --new-tokens 8 --rows 2)
     MEM_MOE=(--preset tiny-sdar-moe --tokens 64 --new-tokens 8 --rows 2)
@@ -158,7 +165,9 @@ else
     IPC_ARGS=()
     RO_ARGS=()
     ROM_ARGS=(--masked llada-8b-instruct --layers 4 --dtype bfloat16 --batch 32 --new-tokens 256 --train-steps 0)
-    RL_ARGS=(--steps 3)
+    RL_ARGS=(--steps 3 --max-new-tokens 1024)
+    MOE_PRESET=sdar-30b-a3b-chat MOE_LEN=4096 MOE_LAYERS=4
+    SPEED_ARGS=(--speed sdar-1.7b-chat --batch 64 --new-tokens 256 --dtype bfloat16)
     RP_ARGS=(--train-steps 100 --batch 32)
     MEM_DENSE=(--preset sdar-1.7b-chat --tokens 4096 --new-tokens 256 --rows 16)
     MEM_MOE=(--preset sdar-30b-a3b-chat --layers 4 --tokens 4096 --new-tokens 256 --rows 16)
@@ -191,8 +200,8 @@ fi
 # ---- b. correctness on the GPU (side by side) --------------------------------------------------------
 step_bg parity 150 "$PY" benchmarks/cuda_parity.py --out "$RES/parity.json"
 step_bg pytest 150 "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 --timeout=120 -rfE \
-    tests/test_rollout.py tests/test_rl_algorithms.py tests/test_masks.py \
-    tests/test_sft.py::test_no_attention_crosses_packed_documents
+    tests/test_rollout.py tests/test_rl_algorithms.py tests/test_masks.py tests/test_grouped_experts.py \
+    tests/test_sync_free_decoding.py tests/test_sft.py::test_no_attention_crosses_packed_documents
 step_wait
 
 # ---- c. CUDA-IPC weight sync to another process ------------------------------------------------------
@@ -211,14 +220,21 @@ if [[ $SMOKE != 1 && ${fb_rc:-0} != 0 ]]; then  # SDPA's dense mask did not fit 
             --out "$RES/forward_backward-$FB_PRESET-$attn-$FB_LEN2.json"
     done
 fi
+for experts in grouped sequential; do
+    step "fb_moe_$experts" 120 "$PY" benchmarks/forward_backward.py --preset "$MOE_PRESET" --layers "$MOE_LAYERS" \
+        --seq-len "$MOE_LEN" --experts "$experts" "${FB_STEPS[@]}" \
+        --out "$RES/forward_backward-$MOE_PRESET-$MOE_LAYERS-layers-$experts.json"
+done
+step rollout_speed 200 "$PY" benchmarks/rollout.py "${SPEED_ARGS[@]}" --workdir "$WORK/rollout_speed" \
+    --out "$RES/rollout_speed.json"
+step rl_step 240 "$PY" benchmarks/rl_step.py "${RL_ARGS[@]}" --variants cached+packed,nocache+padded \
+    --out "$RES/rl_step.json"
 step weight_sync 90 "$PY" benchmarks/weight_sync.py --tp 1 --ep 1 "${WS_ARGS[@]}" --out "$RES/weight_sync.json"
 step rollout 120 "$PY" benchmarks/rollout.py "${RO_ARGS[@]}" --workdir "$WORK/rollout" --out "$RES/rollout.json"
 step rollout_masked 180 "$PY" benchmarks/rollout.py "${ROM_ARGS[@]}" --workdir "$WORK/rollout_masked" \
     --out "$RES/rollout_masked.json"
 step memory_dense 90 "$PY" benchmarks/memory.py "${MEM_DENSE[@]}" --out "$RES/memory-dense.json"
 step memory_moe 120 "$PY" benchmarks/memory.py "${MEM_MOE[@]}" --out "$RES/memory-moe.json"
-step rl_step 240 "$PY" benchmarks/rl_step.py "${RL_ARGS[@]}" --variants cached+packed,nocache+padded \
-    --out "$RES/rl_step.json"
 step replay 90 "$PY" benchmarks/replay.py "${RP_ARGS[@]}" --workdir "$WORK/replay" --out "$RES/replay.json"
 
 # ---- results -----------------------------------------------------------------------------------------

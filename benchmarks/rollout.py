@@ -261,6 +261,74 @@ def masked_main(args) -> int:
     return 0
 
 
+def speed_main(args) -> int:
+    """Native engine (no cache; cache on the host loop; cache on the device loop) vs transformers' loop."""
+    from hf_block_decoding import hf_block_decode
+
+    from dare_mega.models.sdar.hf_reference import hf_reference_model
+    from dare_mega.rollout.engine import NativeEngine
+    from dare_mega.rollout.types import SamplingParams
+
+    dtype = getattr(torch, args.dtype)
+    config = masked_config(args.speed, args.layers)
+    model_dir, _ = benchmark_model(os.path.join(args.workdir, args.speed), 0, args.model, config, dtype)
+    engine = NativeEngine.from_pretrained(model_dir, dtype=dtype, tokenizer=False)
+    prompts = patterns(args.batch, 16, torch.Generator().manual_seed(1234)).tolist()
+    params = SamplingParams(max_new_tokens=args.new_tokens, policy="low_confidence_dynamic", threshold=args.threshold,
+                            temperature=0.0, block_size=4, stop_token_ids=())
+    rows, decoded = [], []
+    for name, cache, on_device in (("native, no cache", False, False), ("native, cache, host loop", True, False),
+                                   ("native, cache, device loop", True, True)):
+        engine.device_loop = on_device
+        rows.append({"engine": name, **measure(engine, prompts, params, cache, decoded if on_device else None)})
+        print(rows[-1], flush=True)
+    del engine
+    model = hf_reference_model(model_dir, dtype, attn_implementation="sdpa").to(
+        "cuda" if torch.cuda.is_available() else "cpu").eval()
+    mask_id = json.load(open(os.path.join(model_dir, "config.json"))).get("mask_token_id")
+    if mask_id is None:
+        from dare_mega.models.builder import load_model_args
+
+        mask_id = load_model_args(model_dir).diffusion.mask_token_id
+    batch = torch.tensor(prompts)
+    hf_block_decode(model, batch[:1], 8, 4, args.threshold, mask_id)  # warm up
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    canvas, forwards = hf_block_decode(model, batch, args.new_tokens, 4, args.threshold, mask_id)
+    sync()
+    seconds = time.perf_counter() - start
+    tokens = args.batch * args.new_tokens
+    ours = torch.tensor([c.completion_ids for c in decoded])
+    theirs = canvas[:, batch.shape[1] : batch.shape[1] + args.new_tokens].cpu()
+    rows.append({"engine": "transformers, KV cache", "tokens": tokens, "seconds": seconds,
+                 "tokens_per_s": tokens / seconds, "forwards_per_token": forwards / args.new_tokens,
+                 # the same greedy decode: positions where transformers' tokens equal the device loop's
+                 "agreement_with_device_loop": float((ours == theirs).float().mean())})
+    print(rows[-1], flush=True)
+    rate = {r["engine"]: r["tokens_per_s"] for r in rows}
+    on_gpu = torch.cuda.is_available()
+    result = {
+        "benchmark": "rollout-speed",
+        "device": torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+        "date": time.strftime("%Y-%m-%d"),
+        "preset": args.speed, "layers": args.layers, "dtype": args.dtype, "batch": args.batch,
+        "new_tokens": args.new_tokens, "block": 4, "threshold": args.threshold, "rows": rows,
+        "device_loop_over_host_loop": rate["native, cache, device loop"] / rate["native, cache, host loop"],
+        "device_loop_over_transformers": rate["native, cache, device loop"] / rate["transformers, KV cache"],
+        "targets": {"device_loop_at_least_2x_host_loop":
+                    rate["native, cache, device loop"] >= 2 * rate["native, cache, host loop"],
+                    "ahead_of_transformers": rate["native, cache, device loop"] > rate["transformers, KV cache"]},
+    }
+    out = args.out or os.path.join(REPO, "benchmarks", "results", f"rollout-speed-{'gpu' if on_gpu else 'cpu'}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({k: result[k] for k in ("device_loop_over_host_loop", "device_loop_over_transformers", "targets")},
+                     indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-steps", type=int, default=300)
@@ -270,6 +338,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="an already trained checkpoint (skips making and training one)")
     p.add_argument("--out", default=None)
     p.add_argument("--no-megatron", action="store_true", help="skip the Megatron backend")
+    p.add_argument("--speed", help="a block-diffusion preset: host vs device loop vs transformers' loop (see above)")
     masked = p.add_argument_group("masked diffusion (Fast-dLLM's caches and threshold decoding)")
     masked.add_argument("--masked", help="comma-separated masked diffusion presets (tiny-llada,tiny-dream or "
                         "llada-8b-instruct): benchmark these instead of the SDAR-MoE model")
@@ -280,6 +349,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.masked:
         return masked_main(args)
+    if args.speed:
+        return speed_main(args)
 
     from dare_mega.rollout.engine import NativeEngine
     from dare_mega.rollout.types import SamplingParams
