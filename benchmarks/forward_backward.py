@@ -26,7 +26,6 @@ import time
 
 import torch
 
-
 EXPERT_MODULES = ("GroupedExperts", "SequentialMLP", "TEGroupedMLP", "GroupedMLP")
 PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
                     "A100": 312.0}
