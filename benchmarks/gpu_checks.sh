@@ -6,6 +6,8 @@
 #
 # Steps, in priority order (each time-limited; a step is skipped once the budget is spent):
 #   env          nvidia-smi, python / torch / transformers / megatron versions, `import dare_mega, megatron.core`
+#   cuda_replay  the two tests the last GPU run failed (replaying a trajectory gives the rollout's log-probs,
+#                MoE families), alone, verbose, with torch.compile's recompilations logged
 #   parity       Megatron (CUDA, NCCL, one process under torchrun) vs the HF reference: logits, loss, gradients
 #                (benchmarks/cuda_parity.py)                                      } these two run side by side
 #   pytest       in-process tests that run on CUDA when present: rollout engine,  }
@@ -32,7 +34,7 @@
 #
 # Output, flat in $OUT (default outputs/gpu_checks): gpu_checks.log (every step's output, appended as it
 # runs), summary.txt (one line per step: exit status, seconds, PASS/FAIL/SKIP), results.json (every JSON
-# result of this run, by file name). Variables: GPU_CHECKS_BUDGET (seconds for all steps, default 540),
+# result of this run, by file name). Variables: GPU_CHECKS_BUDGET (seconds for all steps, default 560),
 # GPU_CHECKS_ONLY / GPU_CHECKS_SKIP (comma-separated step names), GPU_CHECKS_SMOKE=1.
 set -u
 cd "$(dirname "$0")/.."
@@ -40,7 +42,7 @@ REPO=$PWD
 OUT=${OUT:-$REPO/outputs/gpu_checks}
 mkdir -p "$OUT"
 SMOKE=${GPU_CHECKS_SMOKE:-0}
-BUDGET=${GPU_CHECKS_BUDGET:-540}
+BUDGET=${GPU_CHECKS_BUDGET:-560}
 ONLY=${GPU_CHECKS_ONLY:-}
 SKIP=${GPU_CHECKS_SKIP:-}
 START=$(date +%s)
@@ -198,8 +200,12 @@ if [[ $? != 0 ]] && wanted env; then
 fi
 
 # ---- b. correctness on the GPU (side by side) --------------------------------------------------------
+# the two tests that failed on the last GPU run, alone first, with their failure text and FlexAttention's
+# recompilations in the log (a suspect: a compile per new sequence length under the old 120 s test limit)
+step cuda_replay 200 env TORCH_LOGS=recompiles "$PY" -m pytest -q -p no:cacheprovider --timeout=180 -rfE -vv \
+    --durations=5 "tests/test_rollout.py::test_replaying_the_trajectory_gives_the_rollout_log_probs"
 step_bg parity 150 "$PY" benchmarks/cuda_parity.py --out "$RES/parity.json"
-step_bg pytest 150 "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 --timeout=120 -rfE \
+step_bg pytest 200 "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 --timeout=180 -rfE \
     tests/test_rollout.py tests/test_rl_algorithms.py tests/test_masks.py tests/test_grouped_experts.py \
     tests/test_sync_free_decoding.py tests/test_sft.py::test_no_attention_crosses_packed_documents
 step_wait

@@ -117,3 +117,18 @@ def test_engine_moe_is_the_per_expert_computation(tiny_dir, family):
         want = want + model._swiglu(flat, model.w(f"{L}.shared_experts.linear_fc1.weight"),
                                     model.w(f"{L}.shared_experts.linear_fc2.weight"))
     assert (got.reshape(-1, x.shape[-1]) - want).abs().max() <= TOL
+
+
+def test_float32_models_switch_tensor_float_32_off(tiny_dir):
+    """TF32 switched on by someone else does not silently turn a float32 run into a 10-bit-mantissa one."""
+    from dare_mega.rollout.engine import NativeEngine
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with pytest.warns(UserWarning, match="TensorFloat-32"):
+            NativeEngine.from_pretrained(tiny_dir["sdar_moe"], tokenizer=False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
+        assert not torch.backends.cudnn.allow_tf32
+        assert ops.exact_float32_matmuls() == []  # nothing left to switch off: no warning
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False

@@ -13,6 +13,7 @@ import os
 import torch
 
 from dare_mega.errors import ConfigError
+from dare_mega.models import ops
 from dare_mega.models.args import ModelArgs
 from dare_mega.models.family import family_for, require_features
 from dare_mega.models.gpt import DiffusionGPTModel
@@ -83,6 +84,8 @@ def build_model(args: ModelArgs, layout: ParallelLayout, options: RuntimeOptions
             f"build_model: layout says tp={layout.tp} but the initialised groups have "
             f"tp={parallel_state.get_tensor_model_parallel_world_size()} (call init_model_parallel(layout))"
         )
+    if options.params_dtype == torch.float32:
+        ops.exact_float32_matmuls()
     config = transformer_config(args, layout, options)
     vocab = padded_vocab_size(args.vocab_size, layout.tp, options.make_vocab_size_divisible_by)
     layer_is_moe = [args.layer_is_moe(i) for i in range(args.num_layers)]

@@ -141,3 +141,25 @@ def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: torch.Tenso
         return F.grouped_mm(grad.t(), x, offs=grouped_offsets(counts))
     pieces = zip(torch.split(grad, counts.tolist()), torch.split(x, counts.tolist()))
     return torch.stack([g.t() @ piece for g, piece in pieces])
+
+
+def exact_float32_matmuls() -> list[str]:
+    """Keep float32 products in float32: switch TensorFloat-32 off for matrix products (which an import or a
+    training setup may have switched on: transformers' TrainingArguments(tf32=True), a user's
+    `torch.backends.cuda.matmul.allow_tf32 = True`) and for cuDNN. Called by every float32 model (the Megatron
+    model, the rollout engine), so a float32 parity run is never silently computed in TF32's 10-bit mantissa;
+    bfloat16 runs are unaffected. Returns the matrix-product settings that were on (and are now off)."""
+    import warnings
+
+    changed = []
+    if torch.get_float32_matmul_precision() != "highest":
+        changed.append(f"torch.get_float32_matmul_precision() == {torch.get_float32_matmul_precision()!r}")
+        torch.set_float32_matmul_precision("highest")
+    if torch.backends.cuda.matmul.allow_tf32:
+        changed.append("torch.backends.cuda.matmul.allow_tf32")
+        torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    if changed:
+        warnings.warn("float32 model: TensorFloat-32 matrix products were on (" + ", ".join(changed) + "); "
+                      "switched off so that float32 means float32 (train in bfloat16 for speed)", stacklevel=2)
+    return changed

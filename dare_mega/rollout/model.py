@@ -36,6 +36,8 @@ class InferenceModel(torch.nn.Module):
     def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.float32, device="cpu"):
         require_features(args, self.FEATURES, "the native rollout engine (rollout/model.py)")
         super().__init__()
+        if dtype == torch.float32:
+            ops.exact_float32_matmuls()
         self.args = args
         self.dtype = dtype
         self.device = torch.device(device)
