@@ -10,6 +10,7 @@ may appear.
 """
 
 import pytest
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dare_mega.rollout import device_loop
@@ -95,6 +96,8 @@ def test_a_denoising_step_reads_nothing_on_the_host(engines, family, monkeypatch
     original = device_loop.DeviceLoop.step
 
     def recorded(self, span):
+        if len(steps) >= 3:  # three steps recorded (prefill done, some rows committing): enough, and cheaper
+            return original(self, span)
         with RecordOps() as record:
             original(self, span)
         steps.append(record.names)
@@ -102,7 +105,7 @@ def test_a_denoising_step_reads_nothing_on_the_host(engines, family, monkeypatch
     monkeypatch.setattr(device_loop.DeviceLoop, "step", recorded)
     engine.device_loop = True
     engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=40, seed=5))
-    assert len(steps) >= 3 and all(len(names) > 50 for names in steps)
+    assert len(steps) == 3 and all(len(names) > 50 for names in steps)
     seen = {name.split(".")[0] for names in steps for name in names}
     assert "scaled_dot_product_attention" in seen or any("attention" in n for n in seen)
     syncing = sorted(n for n in seen if n.rstrip("_") in SYNCING)
@@ -113,3 +116,20 @@ def test_what_the_device_loop_leaves_to_the_host_loop():
     assert device_loop.device_loop_supports(SamplingParams(stop=("\n\n",))) is not None
     assert device_loop.device_loop_supports(SamplingParams(policy="maskgit_plus")) is not None
     assert device_loop.device_loop_supports(SamplingParams()) is None
+
+
+@pytest.mark.parametrize("family,dtype", [("sdar", torch.float32), ("llada2_moe", torch.bfloat16)])
+def test_a_denoising_step_traces_as_one_graph(tiny_dir, family, dtype, monkeypatch):
+    """torch.compile sees one step as a single graph (no break: nothing data-dependent on the host), the
+    condition for compiling it or capturing it in a CUDA graph. The MoE model in bfloat16: torch's grouped
+    GEMM is traced for bfloat16 only (its float32 products on a CPU run eagerly)."""
+    import torch._dynamo as dynamo
+
+    engine = NativeEngine.from_pretrained(tiny_dir[family], dtype=dtype, tokenizer=False)
+    loops = []
+    run = device_loop.DeviceLoop.run
+    monkeypatch.setattr(device_loop.DeviceLoop, "run", lambda self: loops.append(self) or run(self))
+    engine.generate(PROMPTS[:3], SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5))
+    loop = loops[0]
+    explained = dynamo.explain(device_loop.DeviceLoop.step)(loop, loop._span())
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
