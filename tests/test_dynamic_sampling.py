@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_json_worker
+from conftest import REPO, completed, start_torchrun
 
 from dare_mega.config import load_config
 from dare_mega.errors import ConfigError
@@ -48,11 +48,20 @@ PLAIN = {"overrides": FILTER[:2]}  # rollout.filter=none: DARE's step
 EXHAUSTED = {"overrides": FILTER, "steps": [1, 2], "prompts": 6}
 
 
-def _run(tmp_path, nproc, cases):
+def _start(tmp_path, nproc, cases):
+    """The worker at `nproc` ranks, in the background; `_result` waits for it."""
     path = tmp_path / f"spec-{nproc}.json"
     path.write_text(json.dumps([{"steps": [1, 2, 3], "prompts": 30, **case} for case in cases]))
-    return run_json_worker(nproc, ["tests/workers/dynamic_sampling_worker.py", str(path)],
-                           tmp_path / f"out-{nproc}.json", timeout=300)
+    out = tmp_path / f"out-{nproc}.json"
+    return start_torchrun(nproc, ["tests/workers/dynamic_sampling_worker.py", str(path), str(out)]), out
+
+
+def _result(started):
+    proc, out = started
+    proc = completed(proc, timeout=300)
+    if proc.returncode != 0 or not out.exists():
+        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +72,11 @@ def runs(tmp_path_factory, world1):
     from dynamic_sampling_worker import run_case
 
     tmp = tmp_path_factory.mktemp("dynamic_sampling")
+    # the launches run while this process computes its own (one thread per rank; the start-ups overlap)
+    two = _start(tmp, 2, [{"overrides": FILTER}, HARD, PLAIN])
+    four = _start(tmp, 4, [{"overrides": FILTER}, EXHAUSTED])
     one = [run_case({"steps": [1, 2, 3], "prompts": 30, "overrides": FILTER}, world1), run_case(EXHAUSTED, world1)]
-    return {1: one, 2: _run(tmp, 2, [{"overrides": FILTER}, HARD, PLAIN]),
-            4: _run(tmp, 4, [{"overrides": FILTER}, EXHAUSTED])}
+    return {1: one, 2: _result(two), 4: _result(four)}
 
 
 @pytest.mark.distributed

@@ -80,17 +80,19 @@ def test_cli_scores_every_item_and_checks_data_first(tiny_dir, tmp_path):
 @pytest.mark.distributed
 def test_rl_loop_scores_benchmarks_every_n_steps(tmp_path):
     """eval.tasks: the RL loop scores local benchmark files every eval.every steps and logs bench_<task>."""
-    from conftest import torchrun
+    from conftest import completed, start_torchrun, torchrun
 
     write(tmp_path / "data", "gsm8k/test.jsonl", GSM8K)
     common = ["-m", "dare_mega.trainer.rl", "--config", "configs/recipes/rl_tiny_sdar_moe.yaml", "task.heldout=2",
               "eval.samples=1", "rollout.prompts_per_step=2", "rollout.n=2", "logging.progress=false",
               "checkpoint.every=1000", "eval.every=1", "eval.max_new_tokens=4", "train.steps=2"]
-    missing = torchrun(1, [*common, f"run_dir={tmp_path / 'x'}", "eval.tasks=[humaneval]",
-                           f"eval.data={tmp_path / 'data'}"], timeout=300)
-    assert missing.returncode != 0 and "humaneval: expected the dataset at" in missing.stderr
+    # the refused run alongside the one that trains (one process, one thread each)
+    missing = start_torchrun(1, [*common, f"run_dir={tmp_path / 'x'}", "eval.tasks=[humaneval]",
+                                 f"eval.data={tmp_path / 'data'}"])
     proc = torchrun(1, [*common, f"run_dir={tmp_path / 'run'}", "eval.tasks=[gsm8k]", f"eval.data={tmp_path / 'data'}"],
                     timeout=600)
+    missing = completed(missing, timeout=300)
+    assert missing.returncode != 0 and "humaneval: expected the dataset at" in missing.stderr
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2] and all(0.0 <= s["bench_gsm8k"] <= 1.0 for s in steps)

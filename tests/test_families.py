@@ -108,7 +108,7 @@ def test_a_toy_family_from_one_folder_runs_parity_at_tp2_and_trains(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO, clean_env, torchrun
+    from conftest import REPO, clean_env, completed, start, torchrun
 
     for root, _, files in os.walk(REPO / "dare_mega"):
         for f in files:
@@ -123,19 +123,20 @@ def test_a_toy_family_from_one_folder_runs_parity_at_tp2_and_trains(tmp_path):
     assert made.returncode == 0, made.stderr[-3000:]
     assert json.load(open(hf / "config.json"))["architectures"] == ["ToyQwen3ForCausalLM"]
 
+    # the SFT steps (one process, one thread) alongside the parity check at TP=2
+    sft = start([sys.executable, "-m", "dare_mega.trainer.sft", "--config", "configs/recipes/sft_tiny_sdar_moe.yaml",
+                 f"model.hf={hf}", f"run_dir={tmp_path / 'sft'}", "train.steps=2", "train.micro_batches=1",
+                 "checkpoint.every=100", "logging.progress=false", "data.synthetic_samples=16"], env)
     spec, out = tmp_path / "cases.json", tmp_path / "results.json"
     spec.write_text(json.dumps([{"hf": str(hf), "layout": {"tp": 2}, "grads": True}]))
     proc = torchrun(2, ["tests/workers/parity_worker.py", str(spec), str(out)], env=env)
+    sft = completed(sft)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = json.loads(out.read_text())
     assert result["max_abs_logit_diff"] <= 1e-5 and result["max_abs_logprob_diff"] <= 1e-5, result
     assert abs(result["loss_megatron"] - result["loss_reference"]) <= 1e-5, result
     assert result["max_abs_grad_diff"] <= 1e-5 and result["tensors_compared"] == 2 * 8 + 3, result
 
-    sft = subprocess.run([sys.executable, "-m", "dare_mega.trainer.sft", "--config", "configs/recipes/sft_tiny_sdar_moe.yaml",
-                          f"model.hf={hf}", f"run_dir={tmp_path / 'sft'}", "train.steps=2", "train.micro_batches=1",
-                          "checkpoint.every=100", "logging.progress=false", "data.synthetic_samples=16"],
-                         cwd=REPO, env=clean_env(**env), capture_output=True, text=True, timeout=600)
     assert sft.returncode == 0, sft.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "sft" / "metrics.jsonl")]
     assert len(losses) == 2 and all(0 < v < 100 for v in losses)

@@ -10,7 +10,7 @@ import dataclasses
 import json
 
 import pytest
-from conftest import torchrun
+from conftest import completed, start_torchrun, torchrun
 
 from dare_mega.rollout.engine import NativeEngine
 from dare_mega.rollout.types import SamplingParams
@@ -26,22 +26,39 @@ PARAMS = [
 FAMILIES = ("sdar", "sdar_moe", "llada2_moe")
 
 
-def decode(tmp_path, nproc: int, cases: list[dict]) -> list[dict]:
+def decode(tmp_path, nproc: int, cases: list[dict], tiny_dir, native: dict) -> list[dict]:
+    """The worker's results for `cases`; meanwhile this process decodes what the native engine expects."""
     spec, out = tmp_path / f"spec-{nproc}.json", tmp_path / f"out-{nproc}.json"
     spec.write_text(json.dumps({"cases": cases, "prompts": PROMPTS}))
-    proc = torchrun(nproc, ["tests/workers/megatron_rollout_worker.py", str(spec), str(out)], timeout=900)
+    started = start_torchrun(nproc, ["tests/workers/megatron_rollout_worker.py", str(spec), str(out)])
+    for case in cases:
+        for fields in case["params"]:
+            for cache in (True, False):
+                expected(tiny_dir, case["hf"], fields, cache, native)
+    proc = completed(started, timeout=900)
     assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
     return json.loads(out.read_text())
 
 
-def check_against_native(results, tiny_dir):
-    engines = {}
+def expected(tiny_dir, hf: str, fields: dict, cache: bool, native: dict):
+    """The native engine's completions of PROMPTS for one checkpoint, sampling parameters and cache setting,
+    decoded once (seeded: the same every time) and kept in `native`."""
+    family = next(f for f in FAMILIES if tiny_dir[f] == hf)
+    key = (family, json.dumps(fields, sort_keys=True), cache)
+    if key not in native:
+        if family not in native:
+            native[family] = NativeEngine.from_pretrained(tiny_dir[family])
+        params = SamplingParams(**{**fields, "seeds": tuple(1000 + i for i in range(len(PROMPTS)))})
+        native[key] = native[family].generate(PROMPTS, params, cache=cache)
+    return native[key]
+
+
+def check_against_native(results, tiny_dir, native: dict | None = None):
+    native_runs = {} if native is None else native
     for result in results:
         family = next(f for f in FAMILIES if tiny_dir[f] == result["hf"])
-        engine = engines.setdefault(family, NativeEngine.from_pretrained(tiny_dir[family]))
-        params = SamplingParams(**{**result["params"], "seeds": tuple(1000 + i for i in range(len(PROMPTS)))})
         for cache in (True, False):
-            native = engine.generate(PROMPTS, params, cache=cache)
+            native = expected(tiny_dir, result["hf"], result["params"], cache, native_runs)
             name = f"{family} {result['layout']} {result['params']} (cache={result['cache']}, native cache={cache})"
             assert len(result["completions"]) == len(native), name
             for mine, theirs in zip(result["completions"], native):
@@ -91,9 +108,10 @@ def test_pipeline_stages_match_the_native_engine(tiny_dir, tmp_path):
     """PP=2 for every family, and PP=2 with two virtual stages each (one layer per chunk) for LLaDA2-MoE."""
     cases = [{"hf": tiny_dir[f], "layout": {"pp": 2}, "params": PARAMS} for f in FAMILIES]
     cases.append({"hf": tiny_dir["llada2_moe"], "layout": {"pp": 2, "vpp": 2}, "params": PARAMS})
-    results = decode(tmp_path, 2, cases)
+    native = {}
+    results = decode(tmp_path, 2, cases, tiny_dir, native)
     assert sum(r["layout"].get("vpp") == 2 for r in results) == 2 * len(PARAMS)
-    check_against_native(results, tiny_dir)
+    check_against_native(results, tiny_dir, native)
 
 
 @pytest.mark.distributed
@@ -101,7 +119,8 @@ def test_tensor_expert_and_data_parallel_match_the_native_engine(tiny_dir, tmp_p
     """TP=2 (sequence parallel) x EP=2 on 4 ranks: two replicas decode 3 and 2 of the prompts."""
     cases = [{"hf": tiny_dir["sdar"], "layout": {"tp": 2}, "params": PARAMS}]
     cases += [{"hf": tiny_dir[f], "layout": {"tp": 2, "ep": 2}, "params": PARAMS} for f in ("sdar_moe", "llada2_moe")]
-    check_against_native(decode(tmp_path, 4, cases), tiny_dir)
+    native = {}
+    check_against_native(decode(tmp_path, 4, cases, tiny_dir, native), tiny_dir, native)
 
 
 @pytest.mark.distributed
@@ -153,10 +172,12 @@ def test_every_estimator_steps_alike_at_tp2_ep2_and_in_one_process(tiny_dir, wor
     spec = {"hf": tiny_dir["sdar_moe"], "prompts": [[5], [11, 12, 13, 14, 15], [7] * 6]}
     (tmp_path / "one").mkdir()
     (tmp_path / "four").mkdir()
-    names = worker.run_estimators({**spec, "layout": {}, "out_dir": str(tmp_path / "one")})
+    # the four ranks run while this process takes its own steps
     spec_file, out = tmp_path / "spec.json", tmp_path / "names.json"
     spec_file.write_text(json.dumps({**spec, "layout": {"tp": 2, "ep": 2}, "out_dir": str(tmp_path / "four")}))
-    proc = torchrun(4, ["tests/workers/estimator_step_worker.py", str(spec_file), str(out)], timeout=900)
+    started = start_torchrun(4, ["tests/workers/estimator_step_worker.py", str(spec_file), str(out)])
+    names = worker.run_estimators({**spec, "layout": {}, "out_dir": str(tmp_path / "one")})
+    proc = completed(started, timeout=900)
     assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
     assert json.loads(out.read_text()) == names and len(names) == 7
     start = NativeEngine.from_pretrained(tiny_dir["sdar_moe"], tokenizer=False)
