@@ -133,3 +133,19 @@ def test_a_denoising_step_traces_as_one_graph(tiny_dir, family, dtype, monkeypat
     loop = loops[0]
     explained = dynamo.explain(device_loop.DeviceLoop.step)(loop, loop._span())
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_window_logits_are_the_full_forward_s(tiny_dir, family):
+    """Only a window's logits (the output layer on one block of a whole-canvas forward) equal those positions
+    of the full forward's, shifted prediction (Dream) and document starts included."""
+    engine = NativeEngine.from_pretrained(tiny_dir[family], tokenizer=False)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, engine.args.vocab_size, (3, 20))
+    positions = torch.stack([torch.arange(20), torch.arange(20), torch.cat([torch.arange(8), torch.arange(12)])])
+    mask = torch.ones(3, 20, 20, dtype=torch.bool)
+    full = engine.model(tokens, positions, mask)
+    starts = torch.tensor([0, 7, 6])  # a row's first token, one inside, one across a document start (row 2)
+    window = engine.model(tokens, positions, mask, window=(starts, 5))
+    expected = torch.stack([full[b, s : s + 5] for b, s in enumerate(starts.tolist())])
+    assert window.shape == (3, 5, full.shape[-1]) and (window - expected).abs().max() <= 1e-5

@@ -114,9 +114,8 @@ class NativeEngine(BlockDecoder):
 
     # ---- the model, with and without the cache ---------------------------------------------------------
     def _block_logits(self, tokens, positions, mask, starts, width):
-        logits = self.model(tokens.to(self.device), positions.to(self.device), mask.to(self.device))
-        index = starts.to(logits.device)[:, None] + torch.arange(width, device=logits.device)
-        return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])).cpu()
+        dev = self.device
+        return self.model(tokens.to(dev), positions.to(dev), mask.to(dev), window=(starts.to(dev), width)).cpu()
 
     def _device_cached_forward(self, cache, rows, lengths, tokens, positions, write, span):
         block = tokens.shape[1]
@@ -129,10 +128,7 @@ class NativeEngine(BlockDecoder):
         dev = self.device
         cached = CachedBlocks(cache, torch.tensor(slots), lengths, positions, new_mask, write,
                               replaced=replaced).to(dev)
-        out = self.model(tokens.to(dev), positions.to(dev), new_mask.to(dev), cached=cached, logits=logits)
-        if not logits:
-            return None
-        if starts is not None:  # only the window comes back to the CPU (masked diffusion feeds whole canvases)
-            index = starts.to(out.device)[:, None] + torch.arange(width, device=out.device)
-            out = out.gather(1, index[..., None].expand(-1, -1, out.shape[-1]))
-        return out.cpu()
+        # with `starts`, only the window's logits are computed (masked diffusion feeds whole canvases)
+        out = self.model(tokens.to(dev), positions.to(dev), new_mask.to(dev), cached=cached, logits=logits,
+                         window=None if starts is None else (starts.to(dev), width))
+        return None if out is None else out.cpu()

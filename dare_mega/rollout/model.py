@@ -151,14 +151,16 @@ class InferenceModel(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, new_mask: torch.Tensor,
-                cached: CachedBlocks | None = None, logits: bool = True):
+                cached: CachedBlocks | None = None, logits: bool = True, window: tuple | None = None):
         """tokens, positions [B, T]; new_mask [B, T, T] (True = may attend) among the new tokens.
 
         With `cached` (diffusion/kv_cache.py), every new token also sees its row's cached positions, and the
         tokens it marks write their keys and values. Returns float32 logits [B, T, vocab], or None when
         `logits` is False; for a shifted-prediction model (Dream) the logits of token i at position i, where the
         first new token's (its predecessor may be cached) are its own output: a caller that needs them feeds one
-        position earlier (rollout/masked_cache.py)."""
+        position earlier (rollout/masked_cache.py). `window` = (starts [B], width): only the logits of tokens
+        starts[b] .. starts[b] + width - 1 of each row, [B, width, vocab] (the output layer runs on those alone:
+        a masked diffusion forward over the whole canvas needs one block's)."""
         a = self.args
         shifted = a.diffusion is not None and a.diffusion.shifted_logits
         x = self.w("embedding.word_embeddings.weight")[tokens]
@@ -173,6 +175,12 @@ class InferenceModel(torch.nn.Module):
                 x = x + self._swiglu(h, self.w(f"{L}.mlp.linear_fc1.weight"), self.w(f"{L}.mlp.linear_fc2.weight"))
         if not logits:
             return None
+        if window is not None:
+            starts, width = window
+            index = starts.to(x.device)[:, None] + torch.arange(width, device=x.device)  # [B, width]
+            if shifted:  # the output one position earlier, except where a document starts (ops.shift_logits)
+                index = (index - (positions.gather(1, index) > 0).long()).clamp_min(0)
+            x = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
         x = self._rms(x, self.w("decoder.final_layernorm.weight"), a.norm_eps)
         out = (x @ self.w("output_layer.weight").T).float()
-        return ops.shift_logits(out, positions) if shifted else out
+        return ops.shift_logits(out, positions) if shifted and window is None else out
