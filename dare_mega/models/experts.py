@@ -39,7 +39,7 @@ class _GroupedLinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             # grad [M, N] times each group's weight [N, K]: the same grouped product with the weights transposed
-            grad_x = ops.grouped_linear(grad, torch.stack(weights).transpose(1, 2).contiguous(), counts)
+            grad_x = ops.grouped_linear(grad, torch.stack(weights).transpose(1, 2), counts)
         grad_w = ops.grouped_weight_grad(grad, x, counts)
         return (grad_x, None, *grad_w.to(weights[0].dtype).unbind(0))
 
