@@ -82,10 +82,12 @@ def test_parity_two_processes(tiny_dir, tmp_path):
     ], tmp_path))
 
 
-@pytest.mark.distributed
-def test_parity_four_processes(tiny_dir, tmp_path):
+@pytest.fixture(scope="module")
+def four_processes(tiny_dir, tmp_path_factory) -> list[dict]:
+    """The four-process layouts and the LLaDA2 router check, in one torchrun launch."""
     dense, moe, llada2 = tiny_dir["sdar"], tiny_dir["sdar_moe"], tiny_dir["llada2_moe"]
-    check(run_worker(4, [
+    return run_worker(4, [
+        {"router": True, "hf": llada2, "layout": {"tp": 2, "ep": 2}},
         case(moe, ep=4, moe_dispatcher="alltoall"),
         case(moe, ep=4, moe_dispatcher="allgather"),
         case(moe, tp=2, ep=2),
@@ -95,18 +97,18 @@ def test_parity_four_processes(tiny_dir, tmp_path):
         case(dense, tp=2, pp=2, mask="causal"),
         case(llada2, tp=2, ep=2),                            # LLaDA2 with the block mask, SP, shared expert
         case(llada2, ep=4, moe_dispatcher="allgather", mask="block-causal"),
-    ], tmp_path))
+    ], tmp_path_factory.mktemp("four_processes"))
 
 
 @pytest.mark.distributed
-def test_llada2_router_picks_the_same_experts(tiny_dir, tmp_path):
+def test_parity_four_processes(four_processes):
+    check([r for r in four_processes if "router" not in r])
+
+
+@pytest.mark.distributed
+def test_llada2_router_picks_the_same_experts(four_processes):
     """Group-limited selection on score + expert_bias, unbiased renormalised weights: token by token at TP2xEP2."""
-    import json
-
-    from conftest import run_json_worker
-
-    report = run_json_worker(4, ["tests/workers/router_worker.py", tiny_dir["llada2_moe"],
-                                 json.dumps({"tp": 2, "ep": 2})], tmp_path / "router.json")
+    (report,) = [r["router"] for r in four_processes if "router" in r]
     assert report["bias_or_groups_change_choice"], "the test batch does not exercise biased / grouped selection"
     assert [layer["layer"] for layer in report["layers"]] == [2, 3, 4]  # layer 1 is dense
     for layer in report["layers"]:

@@ -1,7 +1,8 @@
 """Runs parity cases at one world size (under torchrun) and writes their figures as JSON (rank 0).
 
 Each case: {"hf": dir, "layout": {...ParallelLayout fields}, "mask": kind, "micro_batch_size": m,
-"batch_size": b, "attention": backend, "grads": bool}.
+"batch_size": b, "attention": backend, "grads": bool}, or {"router": true, "hf": dir, "layout": {...}}: the router
+comparison of tests/workers/router_worker.py at that layout.
 """
 
 import json
@@ -19,6 +20,11 @@ def main():
     cases = json.load(open(sys.argv[1]))
     results = []
     for case in cases:
+        if case.get("router"):  # the router check of tests/workers/router_worker.py, in this launch
+            from router_worker import router_report
+
+            results.append({"router": router_report(case["hf"], case["layout"])})
+            continue
         layout = ParallelLayout(**case["layout"])
         result, batch, logits = run_parity(
             case["hf"], layout, case.get("mask", "block"), batch_size=case.get("batch_size", 4),

@@ -1,28 +1,24 @@
-"""Routing of the Megatron LLaDA2 model vs the reference at one layout (under torchrun).
+"""Routing of the Megatron LLaDA2 model vs the reference at one layout (run by parity_worker.py under torchrun).
 
 Every MoE layer's router is hooked; its routing map and probabilities (sequence-parallel pieces gathered over
-TP) are compared token by token with the experts and weights the reference chose. Rank 0 writes JSON.
+TP) are compared token by token with the experts and weights the reference chose.
 """
 
-import json
-import sys
 
 import torch
 import torch.distributed as dist
-from _common import finish
 
 
-def main():
+def router_report(hf_dir: str, layout_spec: dict) -> dict:
+    """The comparison at one layout (torch.distributed already initialised by parity_worker)."""
     from megatron.core import parallel_state as ps
 
     from dare_mega.cli.parity import dense_mask, parity_batch
     from dare_mega.models.builder import build_from_hf
     from dare_mega.models.reference import reference_logits, reference_model
     from dare_mega.models.runner import Runner
-    from dare_mega.parallel import ParallelLayout, init_distributed, init_model_parallel
+    from dare_mega.parallel import ParallelLayout, init_model_parallel
 
-    env = init_distributed()
-    hf_dir, layout_spec = sys.argv[1], json.loads(sys.argv[2])
     layout = ParallelLayout(**layout_spec)
     init_model_parallel(layout)
     chunks, args = build_from_hf(hf_dir, layout)
@@ -67,8 +63,5 @@ def main():
         plain = torch.sigmoid(torch.nn.functional.linear(x, gate.weight)).topk(gate.topk, dim=-1).indices
         chosen, _ = gate(x)
     report["bias_or_groups_change_choice"] = not torch.equal(plain.sort(-1).values, chosen.sort(-1).values)
-    finish(env, sys.argv[3], report)
+    return report
 
-
-if __name__ == "__main__":
-    main()
