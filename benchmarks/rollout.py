@@ -273,6 +273,7 @@ def speed_main(args) -> int:
     config = masked_config(args.speed, args.layers)
     model_dir, _ = benchmark_model(os.path.join(args.workdir, args.speed), 0, args.model, config, dtype)
     engine = NativeEngine.from_pretrained(model_dir, dtype=dtype, tokenizer=False)
+    engine_args = engine.args
     prompts = patterns(args.batch, 16, torch.Generator().manual_seed(1234)).tolist()
     params = SamplingParams(max_new_tokens=args.new_tokens, policy="low_confidence_dynamic", threshold=args.threshold,
                             temperature=0.0, block_size=4, stop_token_ids=())
@@ -285,11 +286,7 @@ def speed_main(args) -> int:
     del engine
     model = hf_reference_model(model_dir, dtype, attn_implementation="sdpa").to(
         "cuda" if torch.cuda.is_available() else "cpu").eval()
-    mask_id = json.load(open(os.path.join(model_dir, "config.json"))).get("mask_token_id")
-    if mask_id is None:
-        from dare_mega.models.builder import load_model_args
-
-        mask_id = load_model_args(model_dir).diffusion.mask_token_id
+    mask_id = engine_args.diffusion.mask_token_id
     batch = torch.tensor(prompts)
     hf_block_decode(model, batch[:1], 8, 4, args.threshold, mask_id)  # warm up
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
